@@ -1,0 +1,278 @@
+"""Typed configuration: the dataclass schema every entry point validates its Hydra config into.
+
+Hydra stops at the entry points: `python -m vltrain` composes YAML from `vltrain/conf/`, then `validate()` turns
+the plain dict into these dataclasses. An unknown key or a wrong type is one `ConfigError` that names the key and
+suggests the closest valid one. Everything below the entry points takes these dataclasses, never a DictConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SFT_TYPES = ("lora", "full")
+PARALLEL_MODES = ("single",)
+LOGGERS = ("none", "tensorboard", "wandb")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the YAML or the command line."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """Model type in hub spelling (`internvl2-8b`); names the run folder `outputs/<name>/...`."""
+    path: str | None = None
+    """Local folder or hub id of the weights. None with `init: random` builds the model from `arch`."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """`pretrained` loads weights from `path`; `random` builds `arch` with random weights (offline)."""
+    tokenizer: str | None = None
+    """Tokenizer folder. None: the one in `path`, or the embedded tiny tokenizer when `path` is None."""
+    template: str = "Hermes-2"
+    """Chat template: `internlm2-chat`, `Hermes-2` or `phi3-chat` (the official 1.5 / 2.0 formats)."""
+    system: str | None = None
+    """Default system message; a record's own `system` wins. None or "" means no system block."""
+    max_tiles: int = 12
+    """Tile budget for one image (448 px tiles, thumbnail not counted); split evenly when a sample has several."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Compute dtype. auto: bf16 on a GPU that supports it, else fp16 on a GPU, fp32 on CPU."""
+    attn_impl: str = "sdpa"
+    """Attention implementation passed to transformers (`sdpa`, `eager`, `flash_attention_2`)."""
+    arch: dict[str, Any] = field(default_factory=dict)
+    """Architecture for `init: random`: `vision` and `llm` keyword dicts for the transformers configs, plus
+    top-level InternVLConfig keys (`downsample_ratio`, ...)."""
+    hf_id: str | None = None
+    """Hugging Face hub id of the published checkpoint (documentation and download)."""
+    ms_id: str | None = None
+    """ModelScope id of the published checkpoint."""
+
+    def __post_init__(self):
+        if self.init == "pretrained" and not self.path:
+            raise ConfigError(f"model.path is required for model.init=pretrained (model '{self.name}')")
+        if self.max_tiles < 1:
+            raise ConfigError(f"model.max_tiles must be >= 1, got {self.max_tiles}")
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "custom"
+    """Dataset name (for the record only)."""
+    train: list[str] = field(default_factory=list)
+    """Training files (`.jsonl`), each optionally `path#N` to sample N rows (repeating if N exceeds the file)."""
+    val: list[str] = field(default_factory=list)
+    """Held-out files; when given, `val_ratio` is ignored."""
+    val_ratio: float = 0.01
+    """Fraction of `train` held out (at least one row) when `val` is empty; 0 disables evaluation."""
+    seed: int = 42
+    """Seed of the split and of `#N` sampling."""
+    demo_root: str | None = None
+    """When set, the built-in demo dataset is generated into this folder before loading."""
+
+    def __post_init__(self):
+        if not self.train and not self.demo_root:
+            raise ConfigError("dataset.train is empty: pass dataset.train=[path/to/data.jsonl]")
+        if not 0.0 <= self.val_ratio < 1.0:
+            raise ConfigError(f"dataset.val_ratio must be in [0, 1), got {self.val_ratio}")
+
+
+@dataclass
+class DataConfig:
+    max_length: int = 2048
+    """Longest sequence in tokens AFTER image tokens are expanded; longer rows are an error."""
+    image_tokens_per_tile: int = 256
+    """`<IMG_CONTEXT>` tokens per 448 px tile (1024 patches after a 0.5 pixel shuffle)."""
+
+    def __post_init__(self):
+        if self.max_length < 16:
+            raise ConfigError(f"data.max_length must be >= 16, got {self.max_length}")
+
+
+@dataclass
+class SftConfig:
+    name: Literal["lora", "full"] = "lora"
+    """`lora`: adapters on the LLM and projector, everything else frozen. `full`: train all unfrozen parts."""
+    lora_rank: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: str | list[str] = "default"
+    """`default`: every linear layer of the LLM (not the LM head) and of the projector, never the vision tower.
+    A list of module-name suffixes, or a regex string matched against full module names."""
+    freeze_vision: bool = False
+    """full only: keep the vision tower frozen."""
+    freeze_llm: bool = False
+    """full only: keep the language model (and LM head) frozen."""
+    freeze_projector: bool = False
+    """full only: keep the projector frozen."""
+
+    def __post_init__(self):
+        if self.name == "lora" and (self.freeze_vision or self.freeze_llm or self.freeze_projector):
+            raise ConfigError("sft_type.freeze_* flags apply to sft_type=full; LoRA already freezes the base model")
+        if self.name == "full" and self.freeze_vision and self.freeze_llm and self.freeze_projector:
+            raise ConfigError("sft_type=full with every part frozen leaves nothing to train")
+        if self.lora_rank < 1:
+            raise ConfigError(f"sft_type.lora_rank must be >= 1, got {self.lora_rank}")
+
+
+@dataclass
+class ParallelConfig:
+    name: Literal["single"] = "single"
+    """How processes and devices are used. `single`: one process, one device."""
+
+
+@dataclass
+class LoggerConfig:
+    name: Literal["none", "tensorboard", "wandb"] = "none"
+    """Experiment tracker besides `logging.jsonl` and the loss-curve PNG, which are always written."""
+    project: str = "vltrain"
+    """wandb project."""
+
+
+@dataclass
+class EvalConfig:
+    generate_samples: int = 64
+    """Held-out records answered by greedy generation at each evaluation (exact match); 0 disables it."""
+    max_new_tokens: int = 32
+    """Token budget of those answers."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    dataset: DatasetConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    sft_type: SftConfig = field(default_factory=SftConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    """Passed to transformers.TrainingArguments; `null` values are filled by `training_defaults`."""
+    global_batch_size: int = 16
+    """Sequences per optimiser step; gradient accumulation is derived from it unless set in `trainer`."""
+    run_dir: str = "outputs/run"
+    """The run folder (Hydra sets it to `outputs/<model>/<timestamp>`); checkpoints go inside it."""
+
+    def __post_init__(self):
+        unknown = set(self.trainer) - training_argument_names()
+        if unknown:
+            key = sorted(unknown)[0]
+            raise ConfigError(f"trainer.{key}: not a TrainingArguments field{_suggest(key, training_argument_names())}")
+        if "output_dir" in self.trainer:
+            raise ConfigError("trainer.output_dir: set run_dir instead (Hydra's hydra.run.dir)")
+        if self.global_batch_size < 1:
+            raise ConfigError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
+
+
+def training_argument_names() -> set[str]:
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def training_defaults(cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
+    """The `trainer` block with every `null` resolved the way an ms-swift 2.x user expects."""
+    t = dict(cfg.trainer)
+    lora = cfg.sft_type.name == "lora"
+    if t.get("learning_rate") is None:
+        t["learning_rate"] = 1e-4 if lora else 1e-5
+    if t.get("gradient_accumulation_steps") is None:
+        per_step = t.get("per_device_train_batch_size") or 1
+        t["gradient_accumulation_steps"] = max(1, math.ceil(cfg.global_batch_size / per_step / world_size))
+    if t.get("eval_steps") is None:
+        t["eval_steps"] = 50 if lora else 200
+    if t.get("save_steps") is None:
+        t["save_steps"] = t["eval_steps"]
+    return {k: v for k, v in t.items() if v is not None}
+
+
+# ---- validation: plain dict -> dataclasses --------------------------------------------------------------
+
+
+def validate(data: dict[str, Any]) -> TrainConfig:
+    """Build a TrainConfig from a resolved plain dict; raises ConfigError naming the offending key."""
+    return _build(TrainConfig, data, "")
+
+
+def _suggest(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown key{_suggest(key, names)}; valid keys: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(map(str, choices))}"
+                              f"{_suggest(str(value), map(str, choices))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def schema_keys(cls=TrainConfig, prefix: str = "") -> set[str]:
+    """Every dotted key the schema accepts (for checking command-line overrides before composing)."""
+    keys = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        keys.add(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys |= schema_keys(hints[f.name], f"{prefix}{f.name}.")
+    return keys

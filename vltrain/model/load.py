@@ -1,0 +1,107 @@
+"""Model and tokenizer loading: transformers' native InternVLForConditionalGeneration, random or pretrained.
+
+`init: random` builds the architecture in `model.arch` with random weights (the embedded tiny default, and
+real-size types for benchmarks); `init: pretrained` loads an HF-native InternVL folder. The tokenizer always
+carries the nine InternVL tokens, and `image_token_id` is read from it, never assumed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
+    PreTrainedTokenizerBase,
+)
+
+from vltrain.config import ConfigError, ModelConfig
+from vltrain.data.templates import get_template
+from vltrain.model.tokenizer import add_internvl_tokens, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "tiny_tokenizer"
+IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto`: bf16 on a GPU that supports it, fp16 on another GPU, fp32 on CPU (CPU bf16 is slow and lossy)."""
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def load_model_tokenizer(cfg: ModelConfig, dtype: torch.dtype | None = None, seed: int = 42):
+    """Return (model, tokenizer) ready for training or generation, on CPU, in `dtype` (default: resolved)."""
+    tokenizer = load_tokenizer_for(cfg)
+    dtype = dtype or resolve_dtype(cfg.dtype)
+    if cfg.init == "random":
+        model = build_random_model(cfg, tokenizer, seed).to(dtype)
+    else:
+        model = InternVLForConditionalGeneration.from_pretrained(
+            cfg.path, dtype=dtype, attn_implementation=cfg.attn_impl
+        )
+        _check_vocab(model, tokenizer, cfg.path)
+    configure_generation(model, tokenizer, cfg.template)
+    return model, tokenizer
+
+
+def load_tokenizer_for(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    source = cfg.tokenizer or cfg.path or EMBEDDED_TOKENIZER
+    tokenizer = load_tokenizer(source, template=cfg.template)
+    add_internvl_tokens(tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_random_model(cfg: ModelConfig, tokenizer, seed: int = 42) -> InternVLForConditionalGeneration:
+    """A randomly initialised InternVL of the architecture in `cfg.arch`, seeded so that it is reproducible."""
+    arch = dict(cfg.arch)
+    try:
+        vision = InternVLVisionConfig(**arch.pop("vision"))
+        llm = dict(arch.pop("llm"))
+        text = AutoConfig.for_model(llm.pop("model_type"), **llm)
+    except KeyError as e:
+        raise ConfigError(f"model.arch of '{cfg.name}' lacks {e} (needs vision, llm and llm.model_type)") from None
+    text.vocab_size = len(tokenizer)
+    text.tie_word_embeddings = False
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN),
+        # InternVLConfig ties lm_head to the embeddings by default; InternVL checkpoints never do.
+        tie_word_embeddings=False,
+        **arch,
+    )
+    config._attn_implementation = cfg.attn_impl
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return InternVLForConditionalGeneration(config)
+
+
+def configure_generation(model, tokenizer, template_name: str) -> None:
+    """Greedy decoding that stops at the template's separator (`<|im_end|>` / `<|end|>`)."""
+    stop_id = tokenizer.convert_tokens_to_ids(get_template(template_name).stop_token)
+    gen = model.generation_config
+    gen.eos_token_id = stop_id
+    gen.pad_token_id = tokenizer.pad_token_id
+    gen.bos_token_id = tokenizer.bos_token_id
+    gen.do_sample = False
+
+
+def _check_vocab(model, tokenizer, path) -> None:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ConfigError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model embeds only {rows}")
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
+    if model.config.image_token_id != image_id:
+        raise ConfigError(f"{path}: config image_token_id {model.config.image_token_id} != tokenizer's "
+                          f"{IMAGE_CONTEXT_TOKEN} id {image_id}")

@@ -1,0 +1,76 @@
+"""What trains: LoRA adapters or full fine-tuning with parts frozen by role (vision / projector / llm).
+
+The parts of InternVLForConditionalGeneration are named here once, as data; LoRA targets and freezing both
+read them. LoRA's default targets every linear layer of the LLM (not the LM head) and of the projector, never
+the vision tower (ms-swift 2.3+'s default for all InternVL types).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from vltrain.config import SftConfig
+
+# Module-name prefixes of each part, in the native class.
+PARTS: dict[str, tuple[str, ...]] = {
+    "vision": ("model.vision_tower",),
+    "projector": ("model.multi_modal_projector",),
+    "llm": ("model.language_model", "lm_head"),
+}
+LORA_DEFAULT_PARTS = ("model.language_model", "model.multi_modal_projector")
+
+
+def part_of(name: str) -> str:
+    for part, prefixes in PARTS.items():
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            return part
+    raise KeyError(f"parameter {name} belongs to no known part")
+
+
+def default_lora_regex(model: torch.nn.Module) -> str:
+    """A regex matching every nn.Linear under the LLM and the projector (full module names)."""
+    leaves = sorted({
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.startswith(LORA_DEFAULT_PARTS)
+    })
+    prefixes = "|".join(re.escape(p) for p in LORA_DEFAULT_PARTS)
+    return rf"^(?:{prefixes})\..*\.(?:{'|'.join(map(re.escape, leaves))})$"
+
+
+def apply_sft(model: torch.nn.Module, cfg: SftConfig) -> torch.nn.Module:
+    """Return the model to train: a PeftModel for LoRA, or the model with frozen parts for full."""
+    if cfg.name == "lora":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        targets = default_lora_regex(model) if cfg.lora_targets == "default" else cfg.lora_targets
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=targets, task_type="CAUSAL_LM")
+        return get_peft_model(model, lora)
+    frozen = {part for part, flag in (("vision", cfg.freeze_vision), ("llm", cfg.freeze_llm),
+                                      ("projector", cfg.freeze_projector)) if flag}
+    for name, p in model.named_parameters():
+        p.requires_grad_(part_of(name) not in frozen)
+    return model
+
+
+def trainable_summary(model: torch.nn.Module) -> str:
+    """`trainable 37,504 / 431,104 (8.70%)` plus the per-part breakdown of trainable parameters."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per_part: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            part = part_of(_base_name(name))
+            per_part[part] = per_part.get(part, 0) + p.numel()
+    parts = ", ".join(f"{k} {v:,}" for k, v in per_part.items())
+    return f"trainable {trainable:,} / {total:,} ({100 * trainable / total:.2f}%): {parts}"
+
+
+def _base_name(name: str) -> str:
+    """A PeftModel parameter name as the base model calls it (drops `base_model.model.` and adapters)."""
+    name = name.removeprefix("base_model.model.")
+    return re.sub(r"\.(lora_[AB]|lora_embedding_[AB])\.[^.]+", "", name)

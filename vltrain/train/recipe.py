@@ -1,0 +1,116 @@
+"""`train(cfg)`: one fine-tuning run, top to bottom. Tests call it directly with a TrainConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import TrainingArguments, set_seed
+
+from vltrain.config import TrainConfig, training_defaults
+from vltrain.data.collator import Collator
+from vltrain.data.dataset import EncodedDataset, load_splits
+from vltrain.data.encode import Encoder
+from vltrain.model.load import load_model_tokenizer, resolve_dtype
+from vltrain.model.tuning import apply_sft, trainable_summary
+from vltrain.train.callbacks import CheckpointRunFiles, JsonlLogger, LossPlot
+from vltrain.train.trainer import VLTrainer
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG = "vltrain.yaml"
+BASE_MODEL_DIR = "base_model"
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    """Train as configured; returns the final metrics (train loss, and eval loss / exact match when held out)."""
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args = build_training_arguments(cfg, run_dir, world_size)
+    set_seed(args.seed)
+
+    # Full fine-tuning keeps fp32 master weights under mixed precision; LoRA trains fp32 adapters on a base
+    # held in the compute dtype.
+    compute_dtype = resolve_dtype(cfg.model.dtype)
+    model, tokenizer = load_model_tokenizer(
+        cfg.model, dtype=compute_dtype if cfg.sft_type.name == "lora" else torch.float32, seed=args.seed
+    )
+    if cfg.model.init == "random":
+        # A random base is part of the run: save it so LoRA checkpoints reload onto the same weights.
+        base = run_dir / BASE_MODEL_DIR
+        model.save_pretrained(base)
+        tokenizer.save_pretrained(base)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="pretrained", path=str(base)))
+    model = apply_sft(model, cfg.sft_type)
+    log.info("%s", trainable_summary(model))
+
+    train_records, val_records = load_splits(cfg.dataset)
+    encoder = Encoder(tokenizer, cfg.model.template, cfg.model.system, cfg.model.max_tiles,
+                      cfg.data.max_length, cfg.data.image_tokens_per_tile)
+    run_config = run_config_yaml(cfg)
+    (run_dir / RUN_CONFIG).write_text(run_config, encoding="utf-8")
+    log.info("train rows %d, held-out rows %d, run folder %s", len(train_records), len(val_records), run_dir)
+
+    trainer = VLTrainer(
+        model=model,
+        args=args,
+        train_dataset=EncodedDataset(train_records, encoder),
+        eval_dataset=EncodedDataset(val_records, encoder) if val_records else None,
+        data_collator=Collator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[JsonlLogger(run_dir), LossPlot(run_dir), CheckpointRunFiles(run_config)],
+        encoder=encoder,
+        answer_set=val_records[: cfg.eval.generate_samples],
+        max_new_tokens=cfg.eval.max_new_tokens,
+    )
+    result = trainer.train()
+    metrics = {"train_loss": result.training_loss, "global_step": result.global_step}
+    if val_records:
+        metrics |= trainer.evaluate()
+    trainer.save_state()
+    return metrics
+
+
+def build_training_arguments(cfg: TrainConfig, run_dir: Path, world_size: int) -> TrainingArguments:
+    """TrainingArguments from the `trainer` block; built before the model (ZeRO-3 partitions at load time)."""
+    kwargs = training_defaults(cfg, world_size)
+    has_val = bool(cfg.dataset.val) or cfg.dataset.val_ratio > 0
+    if not has_val:
+        kwargs["eval_strategy"] = "no"
+    on_gpu = torch.cuda.is_available()
+    compute_dtype = resolve_dtype(cfg.model.dtype)
+    kwargs.setdefault("bf16", on_gpu and compute_dtype == torch.bfloat16)
+    kwargs.setdefault("fp16", on_gpu and compute_dtype == torch.float16)
+    kwargs.setdefault("use_cpu", not on_gpu)
+    if kwargs.get("activation_checkpointing"):
+        # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings under LoRA work.
+        kwargs.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
+    kwargs.setdefault("report_to", [] if cfg.logger.name == "none" else [cfg.logger.name])
+    if cfg.logger.name == "wandb":
+        os.environ.setdefault("WANDB_PROJECT", cfg.logger.project)
+    if cfg.logger.name == "tensorboard":
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "runs"))
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        remove_unused_columns=False,  # samples are dataclasses; the collator builds the model inputs
+        **kwargs,
+    )
+
+
+def run_config_yaml(cfg: TrainConfig) -> str:
+    """The resolved config with data paths made absolute, so a checkpoint is usable from any folder."""
+    data = dataclasses.asdict(cfg)
+    data["dataset"]["train"] = [_absolute_spec(s) for s in cfg.dataset.train]
+    data["dataset"]["val"] = [_absolute_spec(s) for s in cfg.dataset.val]
+    data["dataset"]["demo_root"] = None
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def _absolute_spec(spec: str) -> str:
+    path, sep, n = spec.partition("#")
+    return str(Path(path).resolve()) + sep + n
