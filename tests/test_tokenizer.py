@@ -1,0 +1,135 @@
+"""Tokenizer loading: the real tokenizers give their known ids without remote code; InternVL tokens get their ids."""
+
+import functools
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vltrain.model.tokenizer import INTERNVL_TOKENS, SlowLlamaTokenizer, add_internvl_tokens, load_tokenizer
+
+
+@functools.lru_cache(maxsize=None)
+def loaded(root: str, folder: str, template: str | None = None):
+    return load_tokenizer(Path(root) / folder, template)
+
+
+@functools.lru_cache(maxsize=None)
+def with_internvl_tokens(root: str, folder: str, template: str | None = None):
+    tokenizer = load_tokenizer(Path(root) / folder, template)
+    add_internvl_tokens(tokenizer)
+    return tokenizer
+
+
+# The examples of ../shared/tokenizers/PROVENANCE.md (Phi-3: the tokenizer.json behaviour, BOS from the config).
+PROVENANCE = [
+    ("internlm2", "Hello world", [1, 9843, 2028]),
+    ("internlm2", "<|im_start|>user\n你好<|im_end|>", [1, 92543, 1008, 364, 77230, 92542]),
+    ("internlm2", "<img><IMG_CONTEXT></img>", [1, 92544, 92546, 92545]),
+    ("qwen2", "Hello world", [9707, 1879]),
+    ("qwen2", "<|im_start|>user\n你好<|im_end|>", [151644, 872, 198, 108386, 151645]),
+    ("qwen2", "<img><IMG_CONTEXT></img>", [20092, 1784, 30346, 29577, 1472, 1892, 29]),
+    ("phi3", "Hello world", [1, 15043, 3186]),
+    ("phi3", "<|user|>\nHello<|end|>\n<|assistant|>\n",
+     [1, 32010, 29871, 13, 10994, 32007, 29871, 13, 32001, 29871, 13]),
+    ("phi3", "<img><IMG_CONTEXT></img>", [1, 529, 2492, 5299, 7833, 29954, 29918, 6007, 16975, 2565, 2492, 29958]),
+    ("llama3", "Hello world", [128000, 9906, 1917]),
+    ("llama3", "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>",
+     [128000, 128006, 882, 128007, 271, 13347, 128009]),
+    ("llama3", "<|im_start|>user\n你好<|im_end|>",
+     [128000, 27, 91, 318, 5011, 91, 29, 882, 198, 57668, 53901, 27, 91, 318, 6345, 91, 29]),
+]
+
+
+@pytest.mark.parametrize("folder,text,expected", PROVENANCE)
+def test_provenance_examples(folder, text, expected, shared_tokenizers):
+    assert loaded(str(shared_tokenizers), folder)(text)["input_ids"] == expected
+
+
+def test_internlm2_loads_without_remote_code(shared_tokenizers):
+    # its tokenizer_config names the remote-code InternLM2Tokenizer; the tokenizer.json gives the same ids
+    tokenizer = loaded(str(shared_tokenizers), "internlm2")
+    assert type(tokenizer).__module__.startswith("transformers.")
+    assert len(tokenizer) == 92553
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                        return_dict=True)["input_ids"]
+    assert ids == [1, 92543, 1008, 364, 6176, 92542, 364, 92543, 525, 11353, 364]
+
+
+# (folder, template, first InternVL id, how many add_internvl_tokens adds, len afterwards)
+INTERNVL_IDS = [
+    ("internlm2", "internlm2-chat", 92544, 0, 92553),
+    ("qwen2", "Hermes-2", 151646, 9, 151655),
+    ("phi3", "phi3-chat", 32011, 9, 32020),
+    ("phi3", None, 32011, 9, 32020),
+    ("llama3", "internlm2-chat", 128256, 9, 128265),
+]
+
+
+@pytest.mark.parametrize("folder,template,first,added,length", INTERNVL_IDS)
+def test_internvl_token_ids(folder, template, first, added, length, shared_tokenizers):
+    tokenizer = load_tokenizer(shared_tokenizers / folder, template)
+    assert add_internvl_tokens(tokenizer) == added
+    assert add_internvl_tokens(tokenizer) == 0
+    assert len(tokenizer) == length
+    assert tokenizer.convert_tokens_to_ids(list(INTERNVL_TOKENS)) == list(range(first, first + 9))
+    assert tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>") == first + 2
+    block = tokenizer("<img><IMG_CONTEXT></img>", add_special_tokens=False)["input_ids"]
+    assert block == [first, first + 2, first + 1]
+
+
+# Ids of transformers 4.x's slow LlamaTokenizer (use_fast=False, legacy=False) on the Phi-3 folder, InternVL tokens
+# added, as the official training tokenized (computed with transformers 4.37.2 and 4.45.2: identical).
+PHI3_SLOW = [
+    ("Hello world", [1, 15043, 3186]),
+    ("<|user|>\nHello<|end|>\n<|assistant|>\n", [1, 29871, 32010, 13, 10994, 32007, 13, 32001, 13]),
+    ("<|system|>\nHi<|end|><|user|>\n  two<|end|>", [1, 29871, 32006, 13, 18567, 32007, 32010, 13, 29871, 1023, 32007]),
+    (" x", [1, 29871, 921]),
+    ("a <|end|> b", [1, 263, 29871, 32007, 289]),
+    ("<img><IMG_CONTEXT></img>", [1, 32011, 32013, 32012]),
+    ("<|user|>\n<img><IMG_CONTEXT></img>\nWhat is this?<|end|><|assistant|>\n",
+     [1, 29871, 32010, 13, 32011, 32013, 32012, 13, 5618, 338, 445, 29973, 32007, 32001, 13]),
+    ("你好，世界", [1, 29871, 30919, 31076, 30214, 30793, 30967]),
+    ("<|endoftext|>Hi", [1, 32000, 18567]),
+    ("a▁b", [1, 263, 289]),
+    ("", [1]),
+]
+
+
+@pytest.mark.parametrize("text,expected", PHI3_SLOW)
+def test_phi3_chat_reproduces_the_slow_sentencepiece_tokenizer(text, expected, shared_tokenizers):
+    tokenizer = with_internvl_tokens(str(shared_tokenizers), "phi3", "phi3-chat")
+    assert isinstance(tokenizer, SlowLlamaTokenizer)
+    assert tokenizer(text)["input_ids"] == expected
+
+
+@pytest.mark.parametrize("text", ["<|user|>\n<img><IMG_CONTEXT></img>\nWhat is this 🙂?<|end|><|assistant|>\nA cat.<|end|>",
+                                  " leading space,  two spaces", "你好，世界\n\tbye"])
+def test_phi3_chat_decodes_back_to_the_text(text, shared_tokenizers):
+    tokenizer = with_internvl_tokens(str(shared_tokenizers), "phi3", "phi3-chat")
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.decode(ids) == "<s>" + text  # byte pieces (<0x0A>, emoji) become text again
+    # as in transformers 4.x, the role tokens are not "special" for skip_special_tokens; BOS and InternVL's are
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text.replace("<img><IMG_CONTEXT></img>", "")
+
+
+def test_phi3_chat_needs_the_sentencepiece_model(shared_tokenizers, tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(shared_tokenizers / "phi3" / name, tmp_path / name)
+    with pytest.raises(ValueError, match="tokenizer.model"):
+        load_tokenizer(tmp_path, "phi3-chat")
+
+
+def test_phi3_chat_tokenizer_survives_save_and_load(shared_tokenizers, tmp_path):
+    tokenizer = with_internvl_tokens(str(shared_tokenizers), "phi3", "phi3-chat")
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = load_tokenizer(tmp_path, "phi3-chat")
+    assert len(reloaded) == len(tokenizer) == 32020
+    assert add_internvl_tokens(reloaded) == 0
+    text = "<|user|>\n<img><IMG_CONTEXT></img>\n你好<|end|><|assistant|>\n"
+    assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
+def test_unknown_template(shared_tokenizers):
+    with pytest.raises(ValueError, match="did you mean 'phi3-chat'"):
+        load_tokenizer(shared_tokenizers / "phi3", "phi3_chat")
