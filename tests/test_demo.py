@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vltrain.model.load import EMBEDDED_TOKENIZER
 from vltrain.data.demo import (
     BACKGROUND,
     COLOURS,
     IMAGE_TAG,
     SHAPES,
-    TINY_TOKENIZER_DIR,
     answer_vocabulary,
     demo_texts,
     majority_baseline,
@@ -248,7 +248,7 @@ def test_make_demo_data_cli(tmp_path):
 def tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(EMBEDDED_TOKENIZER), local_files_only=True)
 
 
 def test_tokenizer_special_ids(tokenizer):
@@ -259,7 +259,7 @@ def test_tokenizer_special_ids(tokenizer):
     assert [tokenizer.convert_tokens_to_ids(t) for t in SPECIALS] == list(range(base, base + len(SPECIALS)))
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
     assert tokenizer.bos_token is None
-    fast = PreTrainedTokenizerFast.from_pretrained(str(TINY_TOKENIZER_DIR), local_files_only=True)
+    fast = PreTrainedTokenizerFast.from_pretrained(str(EMBEDDED_TOKENIZER), local_files_only=True)
     assert fast.convert_tokens_to_ids(SPECIALS) == tokenizer.convert_tokens_to_ids(SPECIALS)
 
 
@@ -287,9 +287,9 @@ def test_tokenizer_round_trips(tokenizer):
 
 
 def test_tokenizer_reproducible(tmp_path):
-    files = sorted(p.name for p in TINY_TOKENIZER_DIR.iterdir() if p.is_file())
+    files = sorted(p.name for p in EMBEDDED_TOKENIZER.iterdir() if p.is_file())
     assert "tokenizer.json" in files and "tokenizer_config.json" in files
-    assert sum((TINY_TOKENIZER_DIR / f).stat().st_size for f in files) < 300_000
+    assert sum((EMBEDDED_TOKENIZER / f).stat().st_size for f in files) < 300_000
     out = tmp_path / "tok"
     subprocess.run(
         [sys.executable, str(REPO / "scripts" / "make_tiny_tokenizer.py"), "--out", str(out)],
@@ -297,4 +297,4 @@ def test_tokenizer_reproducible(tmp_path):
     )
     assert sorted(p.name for p in out.iterdir()) == files
     for name in files:
-        assert (out / name).read_bytes() == (TINY_TOKENIZER_DIR / name).read_bytes(), name
+        assert (out / name).read_bytes() == (EMBEDDED_TOKENIZER / name).read_bytes(), name

@@ -37,6 +37,15 @@ def check_overrides(argv: list[str]) -> None:
         raise ConfigError(f"{key}: unknown config key{_suggest(key, known | set(GROUPS))}")
 
 
+def compose_config(overrides: list[str] = (), run_dir: str = "outputs/composed") -> TrainConfig:
+    """The TrainConfig that `python -m vltrain <overrides>` would train, composed without starting a job."""
+    from hydra import compose, initialize_config_module
+
+    check_overrides(list(overrides))
+    with initialize_config_module("vltrain.conf", version_base="1.3"):
+        return to_train_config(compose("train", overrides=[f"run_dir={run_dir}", *overrides]))
+
+
 def to_train_config(cfg: DictConfig) -> TrainConfig:
     data = OmegaConf.to_container(cfg, resolve=True)
     data.pop("recipe", None)

@@ -38,7 +38,8 @@ class ModelConfig:
     template: str = "Hermes-2"
     """Chat template: `internlm2-chat`, `Hermes-2` or `phi3-chat` (the official 1.5 / 2.0 formats)."""
     system: str | None = None
-    """Default system message; a record's own `system` wins. None or "" means no system block."""
+    """Default system message; a record's own `system` wins. None: the template's official default
+    (InternVL2's); "": no system block."""
     max_tiles: int = 12
     """Tile budget for one image (448 px tiles, thumbnail not counted); split evenly when a sample has several."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -86,8 +87,6 @@ class DatasetConfig:
 class DataConfig:
     max_length: int = 2048
     """Longest sequence in tokens AFTER image tokens are expanded; longer rows are an error."""
-    image_tokens_per_tile: int = 256
-    """`<IMG_CONTEXT>` tokens per 448 px tile (1024 patches after a 0.5 pixel shuffle)."""
 
     def __post_init__(self):
         if self.max_length < 16:

@@ -6,7 +6,8 @@ Steps for one record:
      each image is tiled (448 px tiles + thumbnail);
   3. each `<image>` becomes `<img><IMG_CONTEXT></img>` (no newline added: the record supplies its own);
   4. the template renders the conversation (assistant turns and their separator trained, the rest masked);
-  5. each image's single `<IMG_CONTEXT>` is expanded to `image_tokens_per_tile x tiles` tokens.
+  5. each image's single `<IMG_CONTEXT>` is expanded to `image_tokens_per_tile x tiles` tokens (256 per 448 px
+     tile for every published model: 32 x 32 patches of 14 px, halved twice by the pixel shuffle).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from vltrain.data.records import Record, RecordError
 from vltrain.data.templates import expand_image_context, get_template, render
-from vltrain.data.tiling import image_to_pixel_values
+from vltrain.data.tiling import TILE_SIZE, image_to_pixel_values
 
 IMAGE_TAG = "<image>"
 IMAGE_BLOCK = "<img><IMG_CONTEXT></img>"
@@ -44,13 +45,14 @@ class Encoder:
     """Record -> Sample for one tokenizer/template pair. Cheap to call per record in DataLoader workers."""
 
     def __init__(self, tokenizer, template: str, system: str | None, max_tiles: int, max_length: int,
-                 image_tokens_per_tile: int = 256):
+                 image_tokens_per_tile: int = 256, tile_size: int = TILE_SIZE):
         self.tokenizer = tokenizer
         self.template = get_template(template)
         self.system = system
         self.max_tiles = max_tiles
         self.max_length = max_length
         self.image_tokens_per_tile = image_tokens_per_tile
+        self.tile_size = tile_size
         self.context_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
 
     def __call__(self, record: Record, for_generation: bool = False) -> Sample:
@@ -60,8 +62,11 @@ class Encoder:
         turns = [(q.replace(IMAGE_TAG, IMAGE_BLOCK), a) for q, a in rounds]
         if for_generation:
             turns[-1] = (turns[-1][0], None)
-        system = self.system if record.system is None else record.system
-        rendered = render(self.template, self.tokenizer, turns, system or None)
+        system = next(s for s in (record.system, self.system, self.template.default_system) if s is not None)
+        try:
+            rendered = render(self.template, self.tokenizer, turns, system or None)
+        except ValueError as e:
+            raise RecordError(record.source, record.line, "conversation", str(e)) from None
         ids, labels = expand_image_context(
             rendered.input_ids, rendered.labels, self.context_id, [t * self.image_tokens_per_tile for t in tiles]
         )
@@ -83,7 +88,7 @@ class Encoder:
         for i, path in enumerate(record.images):
             try:
                 with Image.open(path) as image:
-                    tensors.append(image_to_pixel_values(image, max_tiles=budget))
+                    tensors.append(image_to_pixel_values(image, max_tiles=budget, tile_size=self.tile_size))
             except (UnidentifiedImageError, OSError) as e:
                 raise RecordError(record.source, record.line, f"images[{i}]", f"cannot decode {path}: {e}") from None
         return torch.cat(tensors), [t.shape[0] for t in tensors]

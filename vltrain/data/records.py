@@ -87,6 +87,8 @@ def parse_row(row, source: str, line: int, base_dir: Path) -> Record:
     for i, pair in enumerate(history):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
             fail(f"history[{i}]", "expected a [query, response] pair of strings")
+        if not pair[1].strip():
+            fail(f"history[{i}][1]", "empty response: the round has nothing to learn")
 
     images = row.get("images") or []
     if isinstance(images, str):

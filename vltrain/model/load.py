@@ -73,8 +73,10 @@ def build_random_model(cfg: ModelConfig, tokenizer, seed: int = 42) -> InternVLF
         raise ConfigError(f"model.arch of '{cfg.name}' lacks {e} (needs vision, llm and llm.model_type)") from None
     text.vocab_size = len(tokenizer)
     text.tie_word_embeddings = False
+    image_side = vision.image_size[0] // vision.patch_size[0]
     config = InternVLConfig(
         vision_config=vision,
+        image_seq_length=int(image_side**2 * arch.get("downsample_ratio", 0.5) ** 2),
         text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN),
         # InternVLConfig ties lm_head to the embeddings by default; InternVL checkpoints never do.
@@ -85,6 +87,12 @@ def build_random_model(cfg: ModelConfig, tokenizer, seed: int = 42) -> InternVLF
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return InternVLForConditionalGeneration(config)
+
+
+def vision_geometry(model) -> tuple[int, int]:
+    """(tile size in pixels, `<IMG_CONTEXT>` tokens per tile) of an InternVL model, from its config."""
+    config = model.config
+    return config.vision_config.image_size[0], config.image_seq_length
 
 
 def configure_generation(model, tokenizer, template_name: str) -> None:
@@ -105,3 +113,29 @@ def _check_vocab(model, tokenizer, path) -> None:
     if model.config.image_token_id != image_id:
         raise ConfigError(f"{path}: config image_token_id {model.config.image_token_id} != tokenizer's "
                           f"{IMAGE_CONTEXT_TOKEN} id {image_id}")
+
+
+def load_checkpoint(ckpt_dir: str | Path):
+    """(model, tokenizer, TrainConfig) from a `checkpoint-<step>/` folder: LoRA adapters go onto their base model
+    (named in the checkpoint's vltrain.yaml), full checkpoints load directly."""
+    import yaml
+    from peft import PeftModel
+
+    from vltrain.config import validate
+
+    ckpt = Path(ckpt_dir)
+    run_config = ckpt / "vltrain.yaml"
+    if not run_config.is_file():
+        raise FileNotFoundError(f"{ckpt}: not a vltrain checkpoint (no vltrain.yaml)")
+    cfg = validate(yaml.safe_load(run_config.read_text(encoding="utf-8")))
+    tokenizer = load_tokenizer(ckpt, template=cfg.model.template)
+    dtype = resolve_dtype(cfg.model.dtype)
+    if (ckpt / "adapter_config.json").is_file():
+        base = InternVLForConditionalGeneration.from_pretrained(cfg.model.path, dtype=dtype,
+                                                                attn_implementation=cfg.model.attn_impl)
+        model = PeftModel.from_pretrained(base, ckpt)
+    else:
+        model = InternVLForConditionalGeneration.from_pretrained(ckpt, dtype=dtype,
+                                                                 attn_implementation=cfg.model.attn_impl)
+    configure_generation(model, tokenizer, cfg.model.template)
+    return model, tokenizer, cfg

@@ -38,7 +38,7 @@ def default_lora_regex(model: torch.nn.Module) -> str:
         if isinstance(module, torch.nn.Linear) and name.startswith(LORA_DEFAULT_PARTS)
     })
     prefixes = "|".join(re.escape(p) for p in LORA_DEFAULT_PARTS)
-    return rf"^(?:{prefixes})\..*\.(?:{'|'.join(map(re.escape, leaves))})$"
+    return rf"^(?:{prefixes})(?:\..+)?\.(?:{'|'.join(map(re.escape, leaves))})$"
 
 
 def apply_sft(model: torch.nn.Module, cfg: SftConfig) -> torch.nn.Module:

@@ -15,7 +15,7 @@ from vltrain.config import TrainConfig, training_defaults
 from vltrain.data.collator import Collator
 from vltrain.data.dataset import EncodedDataset, load_splits
 from vltrain.data.encode import Encoder
-from vltrain.model.load import load_model_tokenizer, resolve_dtype
+from vltrain.model.load import load_model_tokenizer, resolve_dtype, vision_geometry
 from vltrain.model.tuning import apply_sft, trainable_summary
 from vltrain.train.callbacks import CheckpointRunFiles, JsonlLogger, LossPlot
 from vltrain.train.trainer import VLTrainer
@@ -28,6 +28,23 @@ BASE_MODEL_DIR = "base_model"
 
 def train(cfg: TrainConfig) -> dict[str, float]:
     """Train as configured; returns the final metrics (train loss, and eval loss / exact match when held out)."""
+    trainer = build_trainer(cfg)
+    result = trainer.train()
+    metrics = {"train_loss": result.training_loss, "global_step": result.global_step}
+    last_eval = [h for h in trainer.state.log_history if "eval_loss" in h or "eval_exact_match" in h]
+    if last_eval and last_eval[-1]["step"] == result.global_step:
+        for h in last_eval:  # the last step was just evaluated: report it rather than evaluate again
+            if h["step"] == result.global_step:
+                metrics |= {k: v for k, v in h.items() if k.startswith("eval_")}
+    elif trainer.eval_dataset is not None:
+        metrics |= trainer.evaluate()
+    trainer.save_state()
+    return metrics
+
+
+def build_trainer(cfg: TrainConfig) -> VLTrainer:
+    """Everything a run needs, in order: arguments, model, trainable parts, data, trainer. Writes the run folder's
+    config (and the base model, when it is randomly initialised)."""
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -50,13 +67,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     log.info("%s", trainable_summary(model))
 
     train_records, val_records = load_splits(cfg.dataset)
-    encoder = Encoder(tokenizer, cfg.model.template, cfg.model.system, cfg.model.max_tiles,
-                      cfg.data.max_length, cfg.data.image_tokens_per_tile)
+    encoder = make_encoder(cfg, model, tokenizer)
     run_config = run_config_yaml(cfg)
     (run_dir / RUN_CONFIG).write_text(run_config, encoding="utf-8")
     log.info("train rows %d, held-out rows %d, run folder %s", len(train_records), len(val_records), run_dir)
 
-    trainer = VLTrainer(
+    return VLTrainer(
         model=model,
         args=args,
         train_dataset=EncodedDataset(train_records, encoder),
@@ -68,12 +84,13 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         answer_set=val_records[: cfg.eval.generate_samples],
         max_new_tokens=cfg.eval.max_new_tokens,
     )
-    result = trainer.train()
-    metrics = {"train_loss": result.training_loss, "global_step": result.global_step}
-    if val_records:
-        metrics |= trainer.evaluate()
-    trainer.save_state()
-    return metrics
+
+
+def make_encoder(cfg: TrainConfig, model, tokenizer) -> Encoder:
+    """The record encoder for this model: its template, system, tile budget and image geometry."""
+    tile_size, tokens_per_tile = vision_geometry(model)
+    return Encoder(tokenizer, cfg.model.template, cfg.model.system, cfg.model.max_tiles, cfg.data.max_length,
+                   tokens_per_tile, tile_size)
 
 
 def build_training_arguments(cfg: TrainConfig, run_dir: Path, world_size: int) -> TrainingArguments:
