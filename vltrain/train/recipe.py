@@ -110,8 +110,6 @@ def build_training_arguments(cfg: TrainConfig, run_dir: Path, world_size: int) -
     kwargs.setdefault("report_to", [] if cfg.logger.name == "none" else [cfg.logger.name])
     if cfg.logger.name == "wandb":
         os.environ.setdefault("WANDB_PROJECT", cfg.logger.project)
-    if cfg.logger.name == "tensorboard":
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "runs"))
     return TrainingArguments(
         output_dir=str(run_dir),
         remove_unused_columns=False,  # samples are dataclasses; the collator builds the model inputs
