@@ -31,11 +31,11 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     trainer = build_trainer(cfg)
     result = trainer.train()
     metrics = {"train_loss": result.training_loss, "global_step": result.global_step}
-    last_eval = [h for h in trainer.state.log_history if "eval_loss" in h or "eval_exact_match" in h]
-    if last_eval and last_eval[-1]["step"] == result.global_step:
-        for h in last_eval:  # the last step was just evaluated: report it rather than evaluate again
-            if h["step"] == result.global_step:
-                metrics |= {k: v for k, v in h.items() if k.startswith("eval_")}
+    # When the last step was just evaluated, report that evaluation rather than run it again.
+    final_eval = {k: v for h in trainer.state.log_history if h.get("step") == result.global_step
+                  for k, v in h.items() if k.startswith("eval_")}
+    if final_eval:
+        metrics |= final_eval
     elif trainer.eval_dataset is not None:
         metrics |= trainer.evaluate()
     trainer.save_state()
@@ -43,13 +43,14 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
 
 def build_trainer(cfg: TrainConfig) -> VLTrainer:
-    """Everything a run needs, in order: arguments, model, trainable parts, data, trainer. Writes the run folder's
-    config (and the base model, when it is randomly initialised)."""
+    """Everything a run needs, in order: arguments, records, model, trainable parts, trainer. Writes the run
+    folder's config (and the base model, when it is randomly initialised)."""
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args = build_training_arguments(cfg, run_dir, world_size)
     set_seed(args.seed)
+    train_records, val_records = load_splits(cfg.dataset)  # before the model: a bad file fails in seconds
 
     # Full fine-tuning keeps fp32 master weights under mixed precision; LoRA trains fp32 adapters on a base
     # held in the compute dtype.
@@ -66,7 +67,6 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
     model = apply_sft(model, cfg.sft_type)
     log.info("%s", trainable_summary(model))
 
-    train_records, val_records = load_splits(cfg.dataset)
     encoder = make_encoder(cfg, model, tokenizer)
     run_config = run_config_yaml(cfg)
     (run_dir / RUN_CONFIG).write_text(run_config, encoding="utf-8")
