@@ -223,12 +223,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".")
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in typing.get_args(hint):
             try:
                 return _coerce(value, option, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(hint)

@@ -7,7 +7,6 @@ carries the nine InternVL tokens, and `image_token_id` is read from it, never as
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -22,8 +21,6 @@ from transformers import (
 from vltrain.config import ConfigError, ModelConfig
 from vltrain.data.templates import get_template
 from vltrain.model.tokenizer import add_internvl_tokens, load_tokenizer
-
-log = logging.getLogger(__name__)
 
 EMBEDDED_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "tiny_tokenizer"
 IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
