@@ -61,29 +61,44 @@ def load_tokenizer_for(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 def build_random_model(cfg: ModelConfig, tokenizer, seed: int = 42) -> InternVLForConditionalGeneration:
     """A randomly initialised InternVL of the architecture in `cfg.arch`, seeded so that it is reproducible."""
-    arch = dict(cfg.arch)
     try:
-        vision = InternVLVisionConfig(**arch.pop("vision"))
-        llm = dict(arch.pop("llm"))
-        text = AutoConfig.for_model(llm.pop("model_type"), **llm)
+        config = internvl_config(cfg.arch, vocab_size=len(tokenizer),
+                                 image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN),
+                                 attn_impl=cfg.attn_impl)
     except KeyError as e:
         raise ConfigError(f"model.arch of '{cfg.name}' lacks {e} (needs vision, llm and llm.model_type)") from None
-    text.vocab_size = len(tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return InternVLForConditionalGeneration(config)
+
+
+def internvl_config(arch: dict, vocab_size: int | None = None, image_token_id: int = 0,
+                    attn_impl: str = "sdpa") -> InternVLConfig:
+    """The InternVLConfig of a `model.arch` mapping: `vision` and `llm` keyword dicts plus top-level keys.
+
+    `vocab_size` (default: `arch.llm.vocab_size`) and `image_token_id` come from the tokenizer when there is one.
+    """
+    arch = dict(arch)
+    vision = InternVLVisionConfig(**arch.pop("vision"))
+    llm = dict(arch.pop("llm"))
+    vocab_size = vocab_size or llm.get("vocab_size")
+    llm.pop("vocab_size", None)
+    if vocab_size is None:
+        raise ConfigError("model.arch.llm.vocab_size is needed to build a model without a tokenizer")
+    text = AutoConfig.for_model(llm.pop("model_type"), vocab_size=vocab_size, **llm)
     text.tie_word_embeddings = False
     image_side = vision.image_size[0] // vision.patch_size[0]
     config = InternVLConfig(
         vision_config=vision,
-        image_seq_length=int(image_side**2 * arch.get("downsample_ratio", 0.5) ** 2),
         text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN),
+        image_seq_length=int(image_side**2 * arch.get("downsample_ratio", 0.5) ** 2),
+        image_token_id=image_token_id,
         # InternVLConfig ties lm_head to the embeddings by default; InternVL checkpoints never do.
         tie_word_embeddings=False,
         **arch,
     )
-    config._attn_implementation = cfg.attn_impl
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return InternVLForConditionalGeneration(config)
+    config._attn_implementation = attn_impl
+    return config
 
 
 def vision_geometry(model) -> tuple[int, int]:
