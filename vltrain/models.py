@@ -15,6 +15,7 @@ from transformers import InternVLForConditionalGeneration
 
 from vltrain.config import ModelConfig, validate
 from vltrain.model.load import internvl_config
+from vltrain.model.tuning import part_of
 
 MODEL_DIR = Path(__file__).resolve().parent / "conf" / "model"
 
@@ -64,12 +65,7 @@ def count_parameters(arch: dict) -> dict[str, int]:
         model = InternVLForConditionalGeneration(internvl_config(arch))
     parts = {"vision": 0, "projector": 0, "llm": 0}
     for name, p in model.named_parameters():
-        if ".vision_tower." in f".{name}":
-            parts["vision"] += p.numel()
-        elif "multi_modal_projector." in name:
-            parts["projector"] += p.numel()
-        else:
-            parts["llm"] += p.numel()
+        parts[part_of(name)] += p.numel()
     parts["total"] = sum(parts.values())
     return parts
 

@@ -20,9 +20,10 @@ from PIL import Image, UnidentifiedImageError
 from vltrain.data.records import Record, RecordError
 from vltrain.data.templates import expand_image_context, get_template, render
 from vltrain.data.tiling import TILE_SIZE, image_to_pixel_values
+from vltrain.model.tokenizer import IMAGE_CONTEXT_TOKEN
 
 IMAGE_TAG = "<image>"
-IMAGE_BLOCK = "<img><IMG_CONTEXT></img>"
+IMAGE_BLOCK = f"<img>{IMAGE_CONTEXT_TOKEN}</img>"
 IGNORE_INDEX = -100
 
 
@@ -53,7 +54,7 @@ class Encoder:
         self.max_length = max_length
         self.image_tokens_per_tile = image_tokens_per_tile
         self.tile_size = tile_size
-        self.context_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+        self.context_id = tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
 
     def __call__(self, record: Record, for_generation: bool = False) -> Sample:
         """Encode a record. `for_generation`: drop the final response and end with the assistant header."""

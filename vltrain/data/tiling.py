@@ -135,6 +135,20 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def _grid_and_thumbnail(
+    image: Image.Image, max_tiles: int, min_tiles: int, tile_size: int, use_thumbnail: bool
+) -> tuple[Image.Image, int, int, Image.Image | None]:
+    """The image resized to its ``cols x rows`` grid, the grid, and the thumbnail when one is due."""
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
+    tile_size = _positive_int("tile_size", tile_size)
+    rgb = _to_rgb(image)
+    cols, rows = choose_grid(rgb.width, rgb.height, max_tiles, min_tiles, tile_size)
+    resized = rgb.resize((tile_size * cols, tile_size * rows), _RESAMPLE)
+    thumbnail = rgb.resize((tile_size, tile_size), _RESAMPLE) if use_thumbnail and cols * rows > 1 else None
+    return resized, cols, rows, thumbnail
+
+
 def tile_image(
     image: Image.Image,
     max_tiles: int,
@@ -147,20 +161,13 @@ def tile_image(
     Every returned image is RGB and ``tile_size x tile_size``. The thumbnail (the whole image
     resized to one tile) is appended only when the grid has more than one tile.
     """
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
-    tile_size = _positive_int("tile_size", tile_size)
-    rgb = _to_rgb(image)
-    cols, rows = choose_grid(rgb.width, rgb.height, max_tiles, min_tiles, tile_size)
-    resized = rgb.resize((tile_size * cols, tile_size * rows), _RESAMPLE)
+    resized, cols, rows, thumbnail = _grid_and_thumbnail(image, max_tiles, min_tiles, tile_size, use_thumbnail)
     tiles = [
         resized.crop((c * tile_size, r * tile_size, (c + 1) * tile_size, (r + 1) * tile_size))
         for r in range(rows)
         for c in range(cols)
     ]
-    if use_thumbnail and len(tiles) > 1:
-        tiles.append(rgb.resize((tile_size, tile_size), _RESAMPLE))
-    return tiles
+    return tiles + [thumbnail] if thumbnail is not None else tiles
 
 
 def _normalise(chw_uint8: torch.Tensor) -> torch.Tensor:
@@ -200,16 +207,10 @@ def image_to_pixel_values(
     Equal to ``tiles_to_tensor(tile_image(...))`` but cuts the tiles out of one array instead
     of making a PIL crop per tile.
     """
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
-    tile_size = _positive_int("tile_size", tile_size)
-    rgb = _to_rgb(image)
-    cols, rows = choose_grid(rgb.width, rgb.height, max_tiles, min_tiles, tile_size)
-    resized = np.asarray(rgb.resize((tile_size * cols, tile_size * rows), _RESAMPLE), dtype=np.uint8)
+    resized, cols, rows, thumbnail = _grid_and_thumbnail(image, max_tiles, min_tiles, tile_size, use_thumbnail)
     # (rows*S, cols*S, 3) -> (rows, S, cols, S, 3) -> (rows, cols, 3, S, S): row-major tiles.
-    grid = resized.reshape(rows, tile_size, cols, tile_size, 3).transpose(0, 2, 4, 1, 3)
+    grid = np.asarray(resized, dtype=np.uint8).reshape(rows, tile_size, cols, tile_size, 3).transpose(0, 2, 4, 1, 3)
     chw = grid.reshape(rows * cols, 3, tile_size, tile_size)
-    if use_thumbnail and rows * cols > 1:
-        thumb = np.asarray(rgb.resize((tile_size, tile_size), _RESAMPLE), dtype=np.uint8)
-        chw = np.concatenate([chw, thumb.transpose(2, 0, 1)[None]], axis=0)
+    if thumbnail is not None:
+        chw = np.concatenate([chw, np.asarray(thumbnail, dtype=np.uint8).transpose(2, 0, 1)[None]], axis=0)
     return _normalise(torch.from_numpy(np.ascontiguousarray(chw)))

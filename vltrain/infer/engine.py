@@ -16,6 +16,7 @@ def answer_records(model, encoder: Encoder, records: list[Record], max_new_token
     tokenizer = encoder.tokenizer
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     answers = []
     try:
         for start in range(0, len(records), batch_size):
@@ -23,7 +24,6 @@ def answer_records(model, encoder: Encoder, records: list[Record], max_new_token
             batch = collate(samples, tokenizer.pad_token_id, padding_side="left")
             batch.pop("labels")
             batch.pop("tiles_per_sample")
-            device = next(model.parameters()).device
             batch = {k: v.to(device) for k, v in batch.items()}
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(model.dtype)

@@ -20,10 +20,9 @@ from transformers import (
 
 from vltrain.config import ConfigError, ModelConfig
 from vltrain.data.templates import get_template
-from vltrain.model.tokenizer import add_internvl_tokens, load_tokenizer
+from vltrain.model.tokenizer import IMAGE_CONTEXT_TOKEN, add_internvl_tokens, load_tokenizer
 
 EMBEDDED_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "tiny_tokenizer"
-IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -11,7 +11,8 @@ from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 from vltrain.data.templates import get_template
 
 # Official order (InternVL's finetune script appends them in this order, so the ids follow it).
-INTERNVL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
+IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+INTERNVL_TOKENS = ("<img>", "</img>", IMAGE_CONTEXT_TOKEN, "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
 
 SPIECE_UNDERLINE = "▁"
 
