@@ -53,12 +53,26 @@ class ModelConfig:
     """Hugging Face hub id of the published checkpoint (documentation and download)."""
     ms_id: str | None = None
     """ModelScope id of the published checkpoint."""
+    hub: Literal["hf", "modelscope"] = "hf"
+    """Where a `path` that is not a local folder is downloaded from: Hugging Face Hub or ModelScope."""
+    hub_token: str | None = None
+    """Access token for gated models. None: `HF_TOKEN` / `MODELSCOPE_API_TOKEN` from the environment."""
+    load_in_8bit: bool = False
+    """Load the LLM and vision linear layers in 8 bits through bitsandbytes (the int8 model type)."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth in the vision tower while training, rising linearly to this rate over its layers
+    (the official recipe uses 0.1 for the 300M tower and 0.4 for the 6B one)."""
+    merge_image_blocks: bool = False
+    """V1.5 types: all tiles of a sample's images go into ONE `<img>...</img>` block (their model card's form);
+    InternVL2 types: one block per image."""
 
     def __post_init__(self):
         if self.init == "pretrained" and not self.path:
             raise ConfigError(f"model.path is required for model.init=pretrained (model '{self.name}')")
         if self.max_tiles < 1:
             raise ConfigError(f"model.max_tiles must be >= 1, got {self.max_tiles}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
 
 @dataclass
@@ -87,10 +101,37 @@ class DatasetConfig:
 class DataConfig:
     max_length: int = 2048
     """Longest sequence in tokens AFTER image tokens are expanded; longer rows are an error."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """What a bad row does before training: `raise` stops with every problem listed; `skip` leaves those rows
+    out and reports how many and which."""
+    split_tile_budget: bool = True
+    """Several images in one sample share `model.max_tiles` (`max(1, max_tiles // n_images)` each, the official
+    training rule); false gives every image the full budget (ms-swift 2.x)."""
+    video_frames: int = 8
+    """Frames read from each video (middle of equal segments), one tile each."""
+    box_style: Literal["internvl", "swift"] = "internvl"
+    """Grounding output: `internvl` = `<box>[[x1, y1, x2, y2]]</box>`; `swift` = `<box> [[x1, y1, x2, y2]] </box>`."""
+    encode: Literal["lazy", "datasets"] = "lazy"
+    """`lazy`: records are encoded in DataLoader workers; `datasets`: encoded up front with HF datasets (cached,
+    `num_proc` processes). Both give identical samples."""
+    num_proc: int = 1
+    """Processes for `encode: datasets`."""
+    media_cache: str | None = None
+    """Folder where images fetched from URLs are kept (fetched once). None: ~/.cache/vltrain/media."""
+    url_timeout: float = 20.0
+    """Seconds per attempt when fetching an image URL."""
+    url_retries: int = 2
+    """Extra attempts after a failed fetch."""
+    url_max_bytes: int = 50_000_000
+    """Largest image a URL may return."""
 
     def __post_init__(self):
         if self.max_length < 16:
             raise ConfigError(f"data.max_length must be >= 16, got {self.max_length}")
+        if self.video_frames < 1:
+            raise ConfigError(f"data.video_frames must be >= 1, got {self.video_frames}")
+        if self.num_proc < 1:
+            raise ConfigError(f"data.num_proc must be >= 1, got {self.num_proc}")
 
 
 @dataclass
