@@ -1,20 +1,29 @@
 """Tokenizer loading: the real tokenizers give their known ids without remote code; InternVL tokens get their ids."""
 
 import functools
+import json
+import random
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+import sentencepiece
 
-from vltrain.model.tokenizer import INTERNVL_TOKENS, SlowLlamaTokenizer, add_internvl_tokens, load_tokenizer
+from vltrain.model.tokenizer import (
+    INTERNVL_TOKENS,
+    SlowLlamaTokenizer,
+    add_internvl_tokens,
+    load_tokenizer,
+)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def loaded(root: str, folder: str, template: str | None = None):
     return load_tokenizer(Path(root) / folder, template)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def with_internvl_tokens(root: str, folder: str, template: str | None = None):
     tokenizer = load_tokenizer(Path(root) / folder, template)
     add_internvl_tokens(tokenizer)
@@ -56,9 +65,12 @@ def test_internlm2_loads_without_remote_code(shared_tokenizers):
     assert ids == [1, 92543, 1008, 364, 6176, 92542, 364, 92543, 525, 11353, 364]
 
 
+PUBLISHED_INTERNLM2 = "internlm2 without tokenizer.json"  # the `internlm2_published` folder
+
 # (folder, template, first InternVL id, how many add_internvl_tokens adds, len afterwards)
 INTERNVL_IDS = [
     ("internlm2", "internlm2-chat", 92544, 0, 92553),
+    (PUBLISHED_INTERNLM2, "internlm2-chat", 92544, 0, 92553),
     ("qwen2", "Hermes-2", 151646, 9, 151655),
     ("phi3", "phi3-chat", 32011, 9, 32020),
     ("phi3", None, 32011, 9, 32020),
@@ -67,8 +79,9 @@ INTERNVL_IDS = [
 
 
 @pytest.mark.parametrize("folder,template,first,added,length", INTERNVL_IDS)
-def test_internvl_token_ids(folder, template, first, added, length, shared_tokenizers):
-    tokenizer = load_tokenizer(shared_tokenizers / folder, template)
+def test_internvl_token_ids(folder, template, first, added, length, shared_tokenizers, internlm2_published):
+    path = internlm2_published if folder == PUBLISHED_INTERNLM2 else shared_tokenizers / folder
+    tokenizer = load_tokenizer(path, template)
     assert add_internvl_tokens(tokenizer) == added
     assert add_internvl_tokens(tokenizer) == 0
     assert len(tokenizer) == length
@@ -128,6 +141,122 @@ def test_phi3_chat_tokenizer_survives_save_and_load(shared_tokenizers, tmp_path)
     assert add_internvl_tokens(reloaded) == 0
     text = "<|user|>\n<img><IMG_CONTEXT></img>\n你好<|end|><|assistant|>\n"
     assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
+# ---- InternLM2 as published: tokenizer.model + a tokenizer_config naming the remote-code InternLM2Tokenizer ----
+
+
+@pytest.fixture(scope="module")
+def internlm2_published(shared_tokenizers, tmp_path_factory) -> Path:
+    """A folder holding only what InternLM2-based checkpoints ship: no tokenizer.json."""
+    folder = tmp_path_factory.mktemp("internlm2_published")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(shared_tokenizers / "internlm2" / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def internlm2_built(internlm2_published):
+    return load_tokenizer(internlm2_published, "internlm2-chat")
+
+
+EN = ["Hello world", "The quick brown fox jumps over the lazy dog.", "It's 3:45pm, isn't it?", "e-mail: a.b@c.org",
+      "https://example.com/a?b=1&c=2", "1234567890", "3.14159e-10", "CamelCaseIdentifier", "ALL CAPS", "x"]
+ZH = ["你好，世界！", "书生·万象是一个多模态大模型。", "今天天气很好", "（全角括号）与「引号」", "——破折号……省略号",
+      "ＡＢＣ　ｘｙｚ", "日本語のテキスト", "한국어 문장"]
+CODE = ["def f(x):\n    return x ** 2\n", "for (int i = 0; i < n; ++i) {\n\tsum += a[i];\n}",
+        "SELECT * FROM t WHERE id=1;", "{\"key\": [1, 2, {\"n\": null}]}", "if a and not b:  # comment\n\tpass",
+        "<div class=\"x\">&amp;</div>", "x = y  >>  2 | ~z"]
+EMOJI = ["🙂", "👨‍👩‍👧", "🇨🇳", "❤️", "🤖🤖", "∑∫√∞", "é à ü ß ø"]
+SPACE = [" ", "  ", "   ", "\t", "\n", "\n\n", "\r\n", " \n ", "\t\t  ", "      ", "\u3000", "\x00"]
+SPECIAL = ["<|im_start|>", "<|im_end|>", "<|im_start|>user\n", "<|im_start|>assistant\n", "<img>", "</img>",
+           "<IMG_CONTEXT>", "<IMG_CONTEXT><IMG_CONTEXT>", "<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>",
+           "<|action_start|>", "<|action_end|>", "<|plugin|>", "<|interpreter|>", "<s>", "</s>", "<unk>"]
+
+
+def mixed_corpus(n: int = 400, seed: int = 0) -> list[str]:
+    """English, Chinese, code, emoji and whitespace runs, with special tokens inside and between them."""
+    rng = random.Random(seed)
+    pools = [EN, ZH, CODE, EMOJI, SPACE, SPECIAL]
+    corpus = [*EN, *ZH, *CODE, *EMOJI, *SPACE, *SPECIAL, "", "  leading", "trailing  ", "a\n\n\nb", "<img>x</img>"]
+    while len(corpus) < n:
+        parts = [rng.choice(rng.choice(pools)) for _ in range(rng.randint(2, 8))]
+        corpus.append("".join(p + rng.choice(["", "", " ", "  ", "\n"]) for p in parts))
+    return corpus
+
+
+def slow_internlm2_encoder(folder: Path):
+    """What InternLM2Tokenizer gives: BOS, then sentencepiece on each stretch between its added tokens."""
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    added = {spec["content"]: int(i) for i, spec in
+             json.loads((folder / "tokenizer_config.json").read_text())["added_tokens_decoder"].items()}
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)))
+
+    def encode(text: str) -> list[int]:
+        ids, pos = [1], 0
+        for match in pattern.finditer(text):
+            ids += sp.encode(text[pos:match.start()]) + [added[match.group()]]
+            pos = match.end()
+        return ids + sp.encode(text[pos:])
+
+    return encode
+
+
+def test_internlm2_builds_without_tokenizer_json(internlm2_published, internlm2_built):
+    assert sorted(p.name for p in internlm2_published.iterdir()) == ["tokenizer.model", "tokenizer_config.json"]
+    assert type(internlm2_built).__module__.startswith("transformers.")
+    assert len(internlm2_built) == 92553
+    assert internlm2_built.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>", "<IMG_CONTEXT>"]) == [92542, 92543, 92546]
+    assert (internlm2_built.bos_token_id, internlm2_built.eos_token_id, internlm2_built.pad_token_id) == (1, 2, 2)
+    ids = internlm2_built.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                              return_dict=True)["input_ids"]
+    assert ids == [1, 92543, 1008, 364, 6176, 92542, 364, 92543, 525, 11353, 364]
+
+
+def test_internlm2_built_matches_sentencepiece_on_a_mixed_corpus(internlm2_published, internlm2_built):
+    corpus = mixed_corpus()
+    assert len(corpus) == 400
+    reference = slow_internlm2_encoder(internlm2_published)
+    mismatches = [(text, ids, reference(text)) for text in corpus
+                  if (ids := internlm2_built(text)["input_ids"]) != reference(text)]
+    assert not mismatches, mismatches[:3]
+    # the corpus exercises what it claims: specials inside text, byte fallback (emoji), user-defined pieces
+    all_ids = {i for text in corpus for i in internlm2_built(text)["input_ids"]}
+    assert {92543, 92546, 3} <= all_ids and any(92352 <= i < 92397 for i in all_ids)
+
+
+def test_internlm2_built_decodes_back_to_the_text(internlm2_built):
+    specials = re.compile("|".join(re.escape(t) for t in internlm2_built.all_special_tokens))
+    for text in mixed_corpus():
+        ids = internlm2_built(text)["input_ids"]
+        assert internlm2_built.decode(ids) == "<s>" + text
+        assert internlm2_built.decode(ids, skip_special_tokens=True) == specials.sub("", text)
+
+
+def test_internlm2_built_tokenizer_survives_save_and_load(internlm2_built, tmp_path):
+    internlm2_built.save_pretrained(tmp_path)
+    reloaded = load_tokenizer(tmp_path, "internlm2-chat")
+    assert add_internvl_tokens(reloaded) == 0
+    for text in mixed_corpus(60, seed=1):
+        assert reloaded(text)["input_ids"] == internlm2_built(text)["input_ids"]
+
+
+def test_original_layout_folder_loads_without_remote_code(shared_tokenizers, tmp_path):
+    # an original InternVL2-1B folder: Qwen2 tokenizer files next to a remote-code config.json
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(shared_tokenizers / "qwen2" / name, tmp_path / name)
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "internvl_chat", "architectures": ["InternVLChatModel"],
+        "auto_map": {"AutoModel": "modeling_internvl_chat.InternVLChatModel"}}))
+    tokenizer = load_tokenizer(tmp_path, "Hermes-2")
+    assert type(tokenizer).__name__ == "Qwen2Tokenizer"
+    assert tokenizer("<|im_start|>user\n你好<|im_end|>")["input_ids"] == [151644, 872, 198, 108386, 151645]
+
+
+def test_remote_code_class_without_files_to_build_from(shared_tokenizers, tmp_path):
+    shutil.copy(shared_tokenizers / "internlm2" / "tokenizer_config.json", tmp_path / "tokenizer_config.json")
+    with pytest.raises(ValueError, match="InternLM2Tokenizer' is remote code"):
+        load_tokenizer(tmp_path, "internlm2-chat")
 
 
 def test_unknown_template(shared_tokenizers):

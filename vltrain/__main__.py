@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterable
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -22,9 +23,10 @@ log = logging.getLogger("vltrain")
 GROUPS = ("model", "dataset", "sft_type", "parallel", "logger", "recipe")
 
 
-def check_overrides(argv: list[str]) -> None:
-    """Reject a misspelt command-line key before Hydra composes, with the closest valid key."""
-    known = schema_keys() | {f"trainer.{k}" for k in training_argument_names()}
+def check_overrides(argv: list[str], extra_keys: Iterable[str] = ()) -> None:
+    """Reject a misspelt command-line key before Hydra composes, with the closest valid key. `extra_keys`: keys an
+    entry point takes besides the TrainConfig schema (`python -m vltrain.check`'s `show`, ...)."""
+    known = schema_keys() | {f"trainer.{k}" for k in training_argument_names()} | set(extra_keys)
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
@@ -37,13 +39,24 @@ def check_overrides(argv: list[str]) -> None:
         raise ConfigError(f"{key}: unknown config key{_suggest(key, known | set(GROUPS))}")
 
 
+def add_or_override(argv: list[str]) -> list[str]:
+    """`key=value` -> `++key=value` for schema keys, so that a key the YAML files leave to its dataclass default
+    (`data.on_error`, `data.num_proc`, ...) can be set like any other (plain `key=` is only for keys in the YAML)."""
+    out = []
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        plain = "=" in arg and not arg.startswith(("-", "+", "~"))
+        out.append(f"++{arg}" if plain and key not in GROUPS and not key.startswith(("hydra.", "hydra/")) else arg)
+    return out
+
+
 def compose_config(overrides: list[str] = (), run_dir: str = "outputs/composed") -> TrainConfig:
     """The TrainConfig that `python -m vltrain <overrides>` would train, composed without starting a job."""
     from hydra import compose, initialize_config_module
 
     check_overrides(list(overrides))
     with initialize_config_module("vltrain.conf", version_base="1.3"):
-        return to_train_config(compose("train", overrides=[f"run_dir={run_dir}", *overrides]))
+        return to_train_config(compose("train", overrides=[f"run_dir={run_dir}", *add_or_override(overrides)]))
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
@@ -61,7 +74,10 @@ def main(cfg: DictConfig) -> float | None:
     from vltrain.train.recipe import train  # heavy imports only once the config is known to be valid
 
     print(OmegaConf.to_yaml(cfg, resolve=True))
-    metrics = train(train_cfg)
+    try:
+        metrics = train(train_cfg)
+    except ConfigError as e:  # e.g. bad rows with data.on_error=raise: the list of problems, not a traceback
+        sys.exit(f"vltrain: {e}")
     log.info("final metrics: %s", metrics)
     return metrics.get("eval_exact_match", metrics.get("eval_loss"))
 
@@ -73,6 +89,7 @@ def entry() -> None:
         check_overrides(sys.argv[1:])
     except ConfigError as e:
         sys.exit(f"vltrain: config error: {e}")
+    sys.argv = sys.argv[:1] + add_or_override(sys.argv[1:])
     main()
 
 

@@ -58,7 +58,8 @@ class ModelConfig:
     hub_token: str | None = None
     """Access token for gated models. None: `HF_TOKEN` / `MODELSCOPE_API_TOKEN` from the environment."""
     load_in_8bit: bool = False
-    """Load the LLM and vision linear layers in 8 bits through bitsandbytes (the int8 model type)."""
+    """Load the LLM's linear layers in 8 bits through bitsandbytes (the int8 model type); the vision tower,
+    projector and LM head stay in `dtype`. Trains with LoRA only."""
     drop_path_rate: float = 0.0
     """Stochastic depth in the vision tower while training, rising linearly to this rate over its layers
     (the official recipe uses 0.1 for the 300M tower and 0.4 for the 6B one)."""
@@ -207,6 +208,8 @@ class TrainConfig:
             raise ConfigError("trainer.output_dir: set run_dir instead (Hydra's hydra.run.dir)")
         if self.global_batch_size < 1:
             raise ConfigError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
+        if self.model.load_in_8bit and self.sft_type.name != "lora":
+            raise ConfigError("model.load_in_8bit: 8-bit weights cannot be trained directly; use sft_type=lora")
 
 
 def training_argument_names() -> set[str]:

@@ -1,56 +1,273 @@
-"""Datasets: which records train and which evaluate, and the torch Dataset that encodes them lazily.
+"""Datasets: which records train and which evaluate, and the torch Datasets that hand samples to the Trainer.
 
-`dataset.train` / `dataset.val` list file specs `path[#N]` (#N samples N rows, repeating when N exceeds the
-file, seeded). Without `dataset.val`, `dataset.val_ratio` of the training rows is held out, reproducibly from
+`dataset.train` / `dataset.val` list specs, mixed freely:
+  - `path/to/file.jsonl[#N]`: a JSONL file of records;
+  - `NAME[#N]`, `HF::NAME[#N]`, `MS::NAME[#N]`: a hub dataset from `HUB_DATASETS` (e.g. `coco-en-2-mini`), fetched
+    with HF `datasets` (or ModelScope), its rows written once as a JSONL file with image files under the cache
+    folder, then read like any other file (so every problem still names a file and a line).
+`#N` samples N rows (every row `N // size` times, then `N % size` distinct rows chosen with a seed), as ms-swift
+does; on the command line quote such a spec (`'dataset.train=["data.jsonl#1000"]'`: Hydra's grammar rejects a bare
+`#`). Without `dataset.val`, `dataset.val_ratio` of the training rows is held out, reproducibly from
 `dataset.seed`, so a later evaluation can rebuild exactly the rows the run never trained on.
+
+Samples reach the Trainer one of two ways (`data.encode`), giving identical tensors:
+  - `lazy`: `EncodedDataset` encodes record i when the DataLoader asks for it (in its workers);
+  - `datasets`: `encode_with_datasets` encodes every record up front (`num_proc` processes) into an Arrow file
+    opened as an HF `datasets.Dataset` (memory-mapped), cached on disk under a fingerprint of the records, their
+    media files, the encoder's settings and the encoding code; `PreEncodedDataset` reads samples back from it.
+    Tiles are stored as the uint8 pixels they were normalised from (`pack_pixels`), so 0.6 MB per 448 px tile.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import os
 import random
 import re
+import shutil
+import socket
+import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from torch.utils.data import Dataset
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
 
-from vltrain.config import DatasetConfig
+from vltrain.config import ConfigError, DatasetConfig
 from vltrain.data.encode import Encoder, Sample
-from vltrain.data.records import Record, read_records
+from vltrain.data.records import Record, RecordError, read_records
+from vltrain.data.tiling import IMAGENET_MEAN, IMAGENET_STD
 
-_SPEC = re.compile(r"^(?P<path>.+?)(?:#(?P<n>\d+))?$")
+_SPEC = re.compile(r"^(?:(?P<hub>HF|MS)::)?(?P<name>.+?)(?:#(?P<n>\d+))?$")
+DEFAULT_CACHE = Path("~/.cache/vltrain/datasets")
 
 
-def read_spec(spec: str, seed: int) -> list[Record]:
-    """Rows of one `path[#N]` spec."""
+# ---- hub datasets ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """A published dataset and how its rows become records (one image, a fixed query, a caption as response)."""
+
+    query: str
+    ms_id: str | None = None
+    ms_subset: str | None = None
+    ms_splits: tuple[str, ...] = ()
+    hf_id: str | None = None
+    hf_splits: tuple[str, ...] = ()
+    image_column: str = "image"
+    caption_column: str = "caption"
+    """A string (the text before the first `&&` is the response, as ms-swift reads it) or a list (its first item)."""
+    hf_caption_column: str | None = None
+
+
+# ms-swift 2.x's `coco-en-2-mini` is ModelScope's `modelscope/coco_2014_caption` (subset `coco_2014_caption`),
+# validation split, query `please describe the image.` (v2.4.2+), response the first caption. On the HF Hub,
+# `lmms-lab/COCO-Caption` split `val` holds the same 40,504 COCO 2014 validation images (captions as a list).
+HUB_DATASETS: dict[str, HubDataset] = {
+    "coco-en-2-mini": HubDataset(
+        query="please describe the image.", ms_id="modelscope/coco_2014_caption", ms_subset="coco_2014_caption",
+        ms_splits=("validation",), hf_id="lmms-lab/COCO-Caption", hf_splits=("val",), hf_caption_column="answer"),
+    "coco-en-2": HubDataset(
+        query="please describe the image.", ms_id="modelscope/coco_2014_caption", ms_subset="coco_2014_caption",
+        ms_splits=("train", "validation")),
+}
+
+
+class HubUnavailable(ConfigError):
+    """A hub dataset that cannot be fetched (offline, client library missing)."""
+
+
+def _hub_host_reachable(url: str, timeout: float = 5.0) -> str | None:
+    """None when a TCP connection to the host of `url` opens within `timeout`, else the reason it did not.
+
+    The hub clients retry for tens of seconds before giving up; this answers in seconds. Behind a proxy the
+    proxy is what must be reachable.
+    """
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    parsed = urllib.parse.urlparse(proxy or url)
+    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or e}"
+    return None
+
+
+def _choose_hub(name: str, entry: HubDataset, hub: str | None) -> str:
+    if hub is None:
+        hub = "HF" if entry.hf_id else "MS"
+    if hub == "HF" and not entry.hf_id:
+        raise HubUnavailable(f"{name}: no Hugging Face copy is known; use MS::{name} (ModelScope: {entry.ms_id})")
+    if hub == "MS" and not entry.ms_id:
+        raise HubUnavailable(f"{name}: no ModelScope copy is known; use HF::{name} (Hugging Face: {entry.hf_id})")
+    return hub
+
+
+def _fetch_hub_rows(name: str, entry: HubDataset, hub: str):
+    """The raw rows of a hub dataset (an HF `datasets.Dataset`, images left undecoded). Fails in seconds offline."""
+    import datasets
+
+    if hub == "HF":
+        from huggingface_hub import constants
+
+        where = f"the Hugging Face Hub ({entry.hf_id})"
+        if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+            raise HubUnavailable(f"{name}: needs {where}, but HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set and "
+                                 "it is not in the vltrain dataset cache")
+        reason = _hub_host_reachable(constants.ENDPOINT)
+        if reason:
+            raise HubUnavailable(f"{name}: needs {where}, which cannot be reached ({reason}); fetch it once on a "
+                                 "machine with network (same cache folder), or pass local JSONL files")
+        parts = [datasets.load_dataset(entry.hf_id, split=s) for s in entry.hf_splits]
+    else:
+        where = f"ModelScope ({entry.ms_id})"
+        try:
+            from modelscope.msdatasets import MsDataset
+        except ImportError:
+            raise HubUnavailable(f"{name}: MS:: needs the modelscope package (pip install modelscope), or use "
+                                 f"HF::{name}") from None
+        reason = _hub_host_reachable("https://www.modelscope.cn")
+        if reason:
+            raise HubUnavailable(f"{name}: needs {where}, which cannot be reached ({reason})")
+        parts = [MsDataset.load(entry.ms_id, subset_name=entry.ms_subset, split=s).to_hf_dataset()
+                 for s in entry.ms_splits]
+    rows = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if isinstance(rows.features.get(entry.image_column), datasets.Image):
+        rows = rows.cast_column(entry.image_column, datasets.Image(decode=False))
+    return rows
+
+
+def _caption(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return str(value[0]) if value else ""
+    return str(value).split("&&")[0]
+
+
+def _write_image(value, folder: Path, index: int) -> str:
+    """Save one hub image as a file (its original bytes when it has them); returns the path relative to `folder`."""
+    if isinstance(value, dict) and value.get("bytes"):
+        data = value["bytes"]
+        suffix = Path(value.get("path") or "").suffix or _sniff_suffix(data)
+    elif isinstance(value, dict) and value.get("path"):
+        return str(Path(value["path"]).resolve())
+    elif isinstance(value, str):
+        return str(Path(value).resolve())
+    else:  # a decoded PIL image
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        data, suffix = buffer.getvalue(), ".png"
+    name = f"images/{index:08d}{suffix}"
+    (folder / name).write_bytes(data)
+    return name
+
+
+def _sniff_suffix(data: bytes) -> str:
+    return ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg"
+
+
+def hub_spec_file(name: str, hub: str | None, n: int | None, seed: int, cache_dir: Path) -> Path:
+    """The JSONL file holding the rows of a hub spec (fetched and written on first use; reused offline after)."""
+    entry = HUB_DATASETS[name]
+    hub = _choose_hub(name, entry, hub)
+    folder = cache_dir.expanduser() / f"{name}-{hub.lower()}"
+    path = folder / f"rows-{'all' if n is None else n}-seed{seed}.jsonl"
+    if path.is_file():
+        return path
+    rows = _fetch_hub_rows(name, entry, hub)
+    indices = list(range(len(rows))) if n is None else sample_indices(len(rows), n, random.Random(f"{seed}:{name}"))
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    caption_column = entry.hf_caption_column if hub == "HF" and entry.hf_caption_column else entry.caption_column
+    written: dict[int, str] = {}
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        for i in indices:
+            row = rows[i]
+            if i not in written:
+                written[i] = _write_image(row[entry.image_column], folder, i)
+            record = {"query": entry.query, "response": _caption(row[caption_column]), "images": [written[i]]}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(path)  # complete files only: an interrupted fetch leaves no half-written JSONL behind
+    return path
+
+
+# ---- specs and splits -----------------------------------------------------------------------------------------
+
+
+def sample_indices(size: int, n: int, rng: random.Random) -> list[int]:
+    """`#N`: every index `n // size` times, then `n % size` distinct indices drawn with `rng`."""
+    if size == 0:
+        return []
+    repeats, rest = divmod(n, size)
+    return list(range(size)) * repeats + rng.sample(range(size), rest)
+
+
+def read_spec(spec: str, seed: int, errors: list[RecordError] | None = None,
+              cache_dir: Path = DEFAULT_CACHE, key: str = "dataset.train") -> list[Record]:
+    """Rows of one spec (`path[#N]` or a hub name). With `errors`, bad rows are collected there and left out."""
     match = _SPEC.match(spec)
-    records = read_records(match["path"])
-    if match["n"] is None:
+    name, hub = match["name"], match["hub"]
+    n = None if match["n"] is None else int(match["n"])
+    if hub or (name in HUB_DATASETS and not Path(name).exists()):
+        if name not in HUB_DATASETS:
+            raise ConfigError(f"{key}: '{spec}': unknown hub dataset (known: {', '.join(HUB_DATASETS)})")
+        try:
+            path = hub_spec_file(name, hub, n, seed, Path(cache_dir))
+        except HubUnavailable as e:
+            raise HubUnavailable(f"{key}: {e}") from None
+        return _read(path, errors, key)  # already sampled
+    path = Path(name)
+    if not path.is_file():
+        known = f"; known dataset names: {', '.join(HUB_DATASETS)}" if "/" not in name else ""
+        raise ConfigError(f"{key}: '{spec}': dataset file not found{known}")
+    records = _read(path, errors, key)
+    if n is None:
         return records
-    n = int(match["n"])
-    rng = random.Random(f"{seed}:{spec}")
-    repeats, rest = divmod(n, len(records))
-    return records * repeats + rng.sample(records, rest)
+    return [records[i] for i in sample_indices(len(records), n, random.Random(f"{seed}:{spec}"))]
 
 
-def load_splits(cfg: DatasetConfig) -> tuple[list[Record], list[Record]]:
-    """(train, val) records. A demo dataset is generated first when `demo_root` is set."""
+def _read(path: Path, errors: list[RecordError] | None, key: str) -> list[Record]:
+    try:
+        return read_records(path, errors)
+    except RecordError as e:  # the file itself (or, without `errors`, its first bad row): nothing to train on
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def load_splits(cfg: DatasetConfig, errors: list[RecordError] | None = None,
+                cache_dir: Path = DEFAULT_CACHE) -> tuple[list[Record], list[Record]]:
+    """(train, val) records. A demo dataset is generated first when `demo_root` is set.
+
+    With `errors`, malformed rows are collected there (and absent from the splits) instead of raising; the
+    held-out split is then drawn from the rows that parsed.
+    """
     if cfg.demo_root:
         from vltrain.data.demo import write_demo_dataset
 
         write_demo_dataset(Path(cfg.demo_root))
-    train = [r for spec in cfg.train for r in read_spec(spec, cfg.seed)]
+    train = [r for i, spec in enumerate(cfg.train)
+             for r in read_spec(spec, cfg.seed, errors, cache_dir, f"dataset.train[{i}]")]
     if cfg.val:
-        return train, [r for spec in cfg.val for r in read_spec(spec, cfg.seed)]
-    if cfg.val_ratio == 0:
+        return train, [r for i, spec in enumerate(cfg.val)
+                       for r in read_spec(spec, cfg.seed, errors, cache_dir, f"dataset.val[{i}]")]
+    if cfg.val_ratio == 0 or not train:
         return train, []
     n_val = max(1, int(len(train) * cfg.val_ratio))
     if n_val >= len(train):
-        raise ValueError(f"dataset.val_ratio={cfg.val_ratio} leaves no training rows out of {len(train)}")
+        raise ConfigError(f"dataset.val_ratio={cfg.val_ratio} leaves no training rows out of {len(train)}")
     order = list(range(len(train)))
     random.Random(cfg.seed).shuffle(order)
     held_out = set(order[:n_val])
     return ([r for i, r in enumerate(train) if i not in held_out],
             [r for i, r in enumerate(train) if i in held_out])
+
+
+# ---- lazy encoding --------------------------------------------------------------------------------------------
 
 
 class EncodedDataset(Dataset):
@@ -65,3 +282,189 @@ class EncodedDataset(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         return self.encoder(self.records[index])
+
+
+# ---- encoding up front with HF datasets -----------------------------------------------------------------------
+
+_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+
+
+def _normalise(u8: np.ndarray) -> torch.Tensor:
+    # vltrain.data.tiling's op order, so a tile stored as uint8 comes back bit for bit. uint8 -> float32 is exact
+    # either way; numpy's cast is twice as fast as torch's.
+    return torch.from_numpy(u8.astype(np.float32)).div_(255.0).sub_(_MEAN).div_(_STD)
+
+
+def pack_pixels(pixel_values: torch.Tensor | None) -> tuple[bytes, str, list[int]]:
+    """(bytes, dtype, shape) of a sample's tiles for storage. Tiles are kept as the uint8 pixels they were
+    normalised from (4x smaller) when that reproduces every float exactly, else as float32."""
+    if pixel_values is None:
+        return b"", "", []
+    if pixel_values.dtype != torch.float32:
+        raise TypeError(f"pixel_values must be float32, got {pixel_values.dtype}")
+    shape = list(pixel_values.shape)
+    # Out-of-range values wrap in the uint8 cast; the exactness check below then sends them to float32.
+    u8 = pixel_values.mul(_STD).add_(_MEAN).mul_(255.0).round_().to(torch.uint8).numpy()
+    exact = pixel_values.contiguous().numpy()
+    # Compared bit for bit (as int32: no NaN or -0.0 subtleties); numpy's comparison is 3x faster than torch's.
+    if np.array_equal(_normalise(u8).numpy().view(np.int32), exact.view(np.int32)):
+        return u8.tobytes(), "uint8", shape
+    return exact.tobytes(), "float32", shape
+
+
+def unpack_pixels(data: bytes, dtype: str, shape: list[int]) -> torch.Tensor | None:
+    if not dtype:
+        return None
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    return _normalise(array) if dtype == "uint8" else torch.from_numpy(array.copy())
+
+
+def try_encode(encoder: Encoder, record: Record) -> tuple[Sample | None, tuple[str, int, str, str] | None]:
+    """(sample, None), or (None, (source, line, field, message)) when the record cannot be encoded. A plain tuple:
+    RecordError does not survive pickling between processes. An unexpected exception is reported against its
+    row (field `encode`) like any other problem, never swallowed."""
+    try:
+        return encoder(record), None
+    except RecordError as e:
+        return None, (e.source, e.line, e.field, e.message)
+    except Exception as e:  # noqa: BLE001
+        return None, (record.source, record.line, "encode", f"{type(e).__name__}: {e}")
+
+
+def encode_row(encoder: Encoder, record: Record) -> dict[str, Any]:
+    """One record as a row of the encoded cache; a failed row has an empty sample and its error as
+    `[source, line, field, message]`."""
+    sample, error = try_encode(encoder, record)
+    if sample is None:
+        return {"input_ids": [], "labels": [], "tiles_per_image": [], "pixels": b"", "pixel_dtype": "",
+                "pixel_shape": [], "error": [error[0], str(error[1]), error[2], error[3]]}
+    data, dtype, shape = pack_pixels(sample.pixel_values)
+    return {"input_ids": sample.input_ids.tolist(), "labels": sample.labels.tolist(),
+            "tiles_per_image": list(sample.tiles_per_image), "pixels": data, "pixel_dtype": dtype,
+            "pixel_shape": shape, "error": []}
+
+
+class _Apply(Dataset):
+    def __init__(self, fn, items: list):
+        self.fn, self.items = fn, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        return self.fn(self.items[index])
+
+
+def _identity(item):
+    return item
+
+
+def _one_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # the workers are the parallelism
+
+
+def parallel_map(fn, items: list, num_proc: int = 1):
+    """`fn(item)` for each item, yielded in order; in `num_proc` DataLoader worker processes when > 1. `fn` must
+    be picklable (a module-level function or a functools.partial of one)."""
+    if num_proc <= 1 or len(items) < 2:
+        yield from map(fn, items)
+        return
+    yield from DataLoader(_Apply(fn, items), batch_size=None, num_workers=min(num_proc, len(items)),
+                          collate_fn=_identity, worker_init_fn=_one_thread, prefetch_factor=4)
+
+
+def _features():
+    import datasets
+
+    ints = datasets.List(datasets.Value("int64"))
+    return datasets.Features({
+        "input_ids": ints, "labels": ints, "tiles_per_image": ints, "pixels": datasets.Value("binary"),
+        "pixel_dtype": datasets.Value("string"), "pixel_shape": ints,
+        "error": datasets.List(datasets.Value("string")),
+    })
+
+
+def _file_stamp(path) -> list:
+    p = Path(path)
+    if p.is_file():
+        st = p.stat()
+        return [str(p), st.st_size, st.st_mtime_ns]
+    return [str(path)]
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    added = json.dumps(sorted((k, v) for k, v in tokenizer.get_added_vocab().items()))
+    return hashlib.sha256(f"{type(tokenizer).__name__}\n{text}\n{added}".encode()).hexdigest()
+
+
+def fingerprint(records: list[Record], encoder: Encoder) -> str:
+    """Hash of everything an encoded sample depends on: the records, their media files (size and mtime), the
+    encoder's settings and tokenizer, and the source of the encoding code."""
+    h = hashlib.sha256()
+    for record in records:
+        fields = dataclasses.asdict(record)
+        media = [_file_stamp(p) for p in [*fields.get("images", []), *fields.get("videos", [])]]
+        h.update(json.dumps([fields, media], sort_keys=True, default=str, ensure_ascii=False).encode())
+    for name, value in sorted(vars(encoder).items()):
+        digest = _tokenizer_digest(value) if hasattr(value, "get_vocab") else repr(value)
+        h.update(f"{name}={digest}\n".encode())
+    for source in sorted((Path(__file__).parent).glob("*.py")):
+        h.update(source.read_bytes())
+    return h.hexdigest()[:20]
+
+
+def encode_with_datasets(records: list[Record], encoder: Encoder, cache_dir: Path | None = None,
+                         num_proc: int = 1):
+    """Encode every record (in `num_proc` processes) into an Arrow file read back as an HF `datasets.Dataset`,
+    one row per record in order (`encode_row`). Cached under `cache_dir` (default: the HF datasets cache) by
+    `fingerprint`: a second call with the same records and settings only opens the file."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    root = Path(cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "vltrain-encoded").expanduser()
+    final = root / fingerprint(records, encoder)
+    if not (final / "complete.json").is_file():
+        tmp = root / f"{final.name}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        # Small write batches: a row can hold tens of MB of tiles.
+        writer = ArrowWriter(features=_features(), path=str(tmp / "encoded.arrow"), writer_batch_size=8)
+        try:
+            for row in parallel_map(functools.partial(encode_row, encoder), records, num_proc):
+                writer.write(row)
+            writer.finalize()
+        finally:
+            writer.close()
+        (tmp / "complete.json").write_text(json.dumps({"rows": len(records)}), encoding="utf-8")
+        if (final / "complete.json").is_file():  # another process finished the same encoding first
+            shutil.rmtree(tmp)
+        else:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+    return datasets.Dataset.from_file(str(final / "encoded.arrow"))
+
+
+def row_to_sample(row: dict[str, Any]) -> Sample:
+    return Sample(
+        input_ids=torch.from_numpy(np.asarray(row["input_ids"], dtype=np.int64)),  # 50x faster than torch.tensor
+        labels=torch.from_numpy(np.asarray(row["labels"], dtype=np.int64)),
+        pixel_values=unpack_pixels(row["pixels"], row["pixel_dtype"], row["pixel_shape"]),
+        tiles_per_image=list(row["tiles_per_image"]),
+    )
+
+
+class PreEncodedDataset(Dataset):
+    """Samples read back from `encode_with_datasets`' cache; `rows` selects (and orders) the rows served."""
+
+    def __init__(self, encoded, rows: list[int] | None = None):
+        self.encoded = encoded
+        self.rows = list(range(len(encoded))) if rows is None else rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Sample:
+        return row_to_sample(self.encoded[self.rows[index]])

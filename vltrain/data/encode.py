@@ -1,30 +1,67 @@
-"""Encoding: a `Record` becomes token ids, labels and image tiles, exactly as the official InternVL format has it.
+"""Encoding: a `Record` becomes token ids, labels and image tiles, in the official InternVL format.
 
-Steps for one record:
-  1. untagged images get one `<image>\\n` each at the start of the first round's query;
-  2. the tile budget `max(1, max_tiles // n_images)` is split over the images (official training rule) and
-     each image is tiled (448 px tiles + thumbnail);
-  3. each `<image>` becomes `<img><IMG_CONTEXT></img>` (no newline added: the record supplies its own);
-  4. the template renders the conversation (assistant turns and their separator trained, the rest masked);
-  5. each image's single `<IMG_CONTEXT>` is expanded to `image_tokens_per_tile x tiles` tokens (256 per 448 px
-     tile for every published model: 32 x 32 patches of 14 px, halved twice by the pixel shuffle).
+Images
+  - `<image>` tags may stand in any round's query and stay in that round; the k-th tag is `images[k]`.
+    A tag in a response is an error.
+  - Images without a tag get one `<image>\\n` each at the start of the first round's query (so a fully untagged
+    record reads like the official `<image>\\nQuestion`); being first in the text, they are the first images.
+  - Each `<image>` becomes `<img><IMG_CONTEXT></img>`; the replacement adds no newline of its own (the record's
+    `<image>\\n` supplies it, as in the official data; ms-swift 2.x's extra newline is not reproduced).
+  - Tile budget per image: `max(1, max_tiles // n_images)` with `split_tile_budget` (official training), else
+    `max_tiles`; 1 for every image of a sample that holds a video. An image split into more than one tile also
+    gets a whole-image thumbnail tile.
+  - Each `<IMG_CONTEXT>` is expanded to `image_tokens_per_tile x tiles` tokens (256 per 448 px tile for every
+    published model: 32 x 32 patches of 14 px, halved twice by the pixel shuffle).
+
+Merged block (V1.5 model types, `merge_image_blocks`)
+  - All tiles of all images go into ONE `<img>...</img>` block at the first `<image>` tag, as the V1.5 model card
+    feeds several images. Allowed when the tags stand together (only whitespace between them: the whitespace is
+    dropped, what follows the last tag is kept) or are absent. Text or turns between tags is an error; nothing is
+    ever deleted (ms-swift 2.x deletes it). A video is an error (video is an InternVL2 feature).
+
+Videos (InternVL2 model types)
+  - `<video>` tags in queries, the m-th is `videos[m]`; videos without a tag get `<video>\\n` each at the start of
+    the first round, after the untagged images (ms-swift's order: images, then videos).
+  - Each video gives `video_frames` frames (the middle frame of equal segments), one tile each: the frame resized
+    to 448 x 448, no thumbnail.
+  - `<video>` becomes the frame lines joined by `\\n`, with no newline after the last one:
+    `Frame1: <img><IMG_CONTEXT></img>\\nFrame2: ...\\nFrame8: <img><IMG_CONTEXT></img>`; the record's own `\\n`
+    after the tag ends the last line. This is the official training's joining (which writes `Frame-{i}: `) with
+    the model card's `Frame{i}: ` (1-based); `<video>\\nQuestion` gives exactly the model card's and ms-swift's
+    text `Frame1: <img>...</img>\\n...Frame8: <img>...</img>\\nQuestion`.
+
+Order of tiles: `pixel_values` and `tiles_per_image` follow the image blocks in the text (the model fills the
+`<IMG_CONTEXT>` positions in that order): one entry per image, one per video frame. With untagged media, or tags
+of images before videos, that is all images, then all frames.
+
+Grounding (`<ref-object>`, `<bbox>`): see `vltrain/data/grounding.py`; box coordinates are scaled by the size of
+the image as loaded.
+
+Then the template renders the conversation (assistant turns and their separator trained, the rest masked). A
+sample longer than `max_length` tokens after image expansion is an error (`length`), raised when the record is
+encoded. Every problem is a `RecordError` (`file:line: field: message`); a `MediaError` becomes one naming
+`images[i]` / `videos[i]`.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from vltrain.data.records import Record, RecordError
-from vltrain.data.templates import expand_image_context, get_template, render
+from vltrain.data.grounding import BOX_STYLES, fill_placeholders
+from vltrain.data.media import MediaError, MediaOptions, load_image, load_video_frames
+from vltrain.data.records import IMAGE_TAG, VIDEO_TAG, Record, RecordError
+from vltrain.data.templates import IGNORE_INDEX, expand_image_context, get_template, render
 from vltrain.data.tiling import TILE_SIZE, image_to_pixel_values
 from vltrain.model.tokenizer import IMAGE_CONTEXT_TOKEN
 
-IMAGE_TAG = "<image>"
+__all__ = ["IGNORE_INDEX", "IMAGE_BLOCK", "IMAGE_TAG", "VIDEO_TAG", "Encoder", "Sample", "place_media_tags"]
+
 IMAGE_BLOCK = f"<img>{IMAGE_CONTEXT_TOKEN}</img>"
-IGNORE_INDEX = -100
+_MEDIA_TAG = re.compile(f"({IMAGE_TAG}|{VIDEO_TAG})")
+_IMAGE_RUN = re.compile(rf"{IMAGE_TAG}(?:\s*{IMAGE_TAG})*")
 
 
 @dataclass
@@ -32,8 +69,9 @@ class Sample:
     """One encoded record.
 
     input_ids, labels: (L,) int64; labels are -100 where nothing is trained.
-    pixel_values: (T, 3, 448, 448) float32, all tiles of all images in order; None for text-only rows.
-    tiles_per_image: tiles of each image (thumbnail included); sums to T.
+    pixel_values: (T, 3, S, S) float32, all tiles in the order of their blocks in the text; None for text-only rows.
+    tiles_per_image: tiles of each image (thumbnail included) and of each video frame (1), in the same order;
+        sums to T.
     """
 
     input_ids: torch.Tensor
@@ -43,10 +81,16 @@ class Sample:
 
 
 class Encoder:
-    """Record -> Sample for one tokenizer/template pair. Cheap to call per record in DataLoader workers."""
+    """Record -> Sample for one tokenizer/template pair. Cheap to build; called per record in DataLoader workers."""
 
     def __init__(self, tokenizer, template: str, system: str | None, max_tiles: int, max_length: int,
-                 image_tokens_per_tile: int = 256, tile_size: int = TILE_SIZE):
+                 image_tokens_per_tile: int = 256, tile_size: int = TILE_SIZE, *, merge_image_blocks: bool = False,
+                 split_tile_budget: bool = True, video_frames: int = 8, box_style: str = "internvl",
+                 media: MediaOptions | None = None):
+        if box_style not in BOX_STYLES:
+            raise ValueError(f"box_style must be one of {', '.join(BOX_STYLES)}, got {box_style!r}")
+        if max_tiles < 1 or video_frames < 1:
+            raise ValueError(f"max_tiles and video_frames must be >= 1, got {max_tiles} and {video_frames}")
         self.tokenizer = tokenizer
         self.template = get_template(template)
         self.system = system
@@ -54,64 +98,171 @@ class Encoder:
         self.max_length = max_length
         self.image_tokens_per_tile = image_tokens_per_tile
         self.tile_size = tile_size
+        self.merge_image_blocks = merge_image_blocks
+        self.split_tile_budget = split_tile_budget
+        self.video_frames = video_frames
+        self.box_style = box_style
+        self.media = media
         self.context_id = tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer, tile_size: int, image_tokens_per_tile: int) -> Encoder:
+        """The encoder a `TrainConfig` describes (template, system, tile budget, video, grounding, media)."""
+        model, data = cfg.model, cfg.data
+        return cls(tokenizer, model.template, model.system, model.max_tiles, data.max_length, image_tokens_per_tile,
+                   tile_size, merge_image_blocks=model.merge_image_blocks, split_tile_budget=data.split_tile_budget,
+                   video_frames=data.video_frames, box_style=data.box_style, media=MediaOptions.from_config(data))
 
     def __call__(self, record: Record, for_generation: bool = False) -> Sample:
         """Encode a record. `for_generation`: drop the final response and end with the assistant header."""
-        rounds = place_image_tags(record)
-        pixel_values, tiles = self.load_tiles(record)
-        turns = [(q.replace(IMAGE_TAG, IMAGE_BLOCK), a) for q, a in rounds]
+        rounds = place_media_tags(record)
+        if self.merge_image_blocks:
+            if record.videos:
+                raise RecordError(record.source, record.line, "videos",
+                                  "V1.5 model types (model.merge_image_blocks=true) take no video; "
+                                  "use an InternVL2 model type")
+            rounds = merge_image_tags(record, rounds)
+        images = [self._load_image(record, i) for i in range(len(record.images))]
+        budget = self._tile_budget(len(images), has_video=bool(record.videos))
+        image_pixels = [image_to_pixel_values(im, max_tiles=budget, tile_size=self.tile_size) for im in images]
+        video_pixels = [self._video_frame_tiles(record, m) for m in range(len(record.videos))]
+
+        queries, chunks, tiles, context_counts = self._expand_media_tags(rounds, image_pixels, video_pixels)
+        fields = []
+        for i, (query, response) in enumerate(zip(queries, (a for _, a in rounds))):
+            fields += [(_field(i, len(rounds), 0), query), (_field(i, len(rounds), 1), response)]
+        texts = fill_placeholders(record, fields, [im.size for im in images], self.box_style)
+        turns: list[tuple[str, str | None]] = list(zip(texts[0::2], texts[1::2]))
         if for_generation:
             turns[-1] = (turns[-1][0], None)
+
         system = next(s for s in (record.system, self.system, self.template.default_system) if s is not None)
         try:
             rendered = render(self.template, self.tokenizer, turns, system or None)
+            ids, labels = expand_image_context(rendered.input_ids, rendered.labels, self.context_id, context_counts)
         except ValueError as e:
             raise RecordError(record.source, record.line, "conversation", str(e)) from None
-        ids, labels = expand_image_context(
-            rendered.input_ids, rendered.labels, self.context_id, [t * self.image_tokens_per_tile for t in tiles]
-        )
         if len(ids) > self.max_length and not for_generation:
             raise RecordError(record.source, record.line, "length",
                               f"{len(ids)} tokens after image expansion exceed data.max_length={self.max_length}")
         return Sample(
             input_ids=torch.tensor(ids, dtype=torch.long),
             labels=torch.tensor(labels, dtype=torch.long),
-            pixel_values=pixel_values,
+            pixel_values=torch.cat(chunks) if chunks else None,
             tiles_per_image=tiles,
         )
 
-    def load_tiles(self, record: Record) -> tuple[torch.Tensor | None, list[int]]:
-        if not record.images:
-            return None, []
-        budget = max(1, self.max_tiles // len(record.images))
-        tensors = []
-        for i, path in enumerate(record.images):
-            try:
-                with Image.open(path) as image:
-                    tensors.append(image_to_pixel_values(image, max_tiles=budget, tile_size=self.tile_size))
-            except (UnidentifiedImageError, OSError) as e:
-                raise RecordError(record.source, record.line, f"images[{i}]", f"cannot decode {path}: {e}") from None
-        return torch.cat(tensors), [t.shape[0] for t in tensors]
+    def _tile_budget(self, n_images: int, has_video: bool) -> int:
+        if has_video:
+            return 1
+        if self.split_tile_budget and n_images:
+            return max(1, self.max_tiles // n_images)
+        return self.max_tiles
+
+    def _load_image(self, record: Record, i: int):
+        try:
+            return load_image(record.images[i], self.media)
+        except MediaError as e:
+            raise RecordError(record.source, record.line, f"images[{i}]", str(e)) from None
+
+    def _video_frame_tiles(self, record: Record, m: int) -> list[torch.Tensor]:
+        """One (1, 3, S, S) tile per frame of `videos[m]`."""
+        try:
+            frames = load_video_frames(record.videos[m], self.video_frames, self.media)
+        except MediaError as e:
+            raise RecordError(record.source, record.line, f"videos[{m}]", str(e)) from None
+        if not frames:
+            raise RecordError(record.source, record.line, f"videos[{m}]", "no frame could be read")
+        return [image_to_pixel_values(frame, max_tiles=1, tile_size=self.tile_size) for frame in frames]
+
+    def _expand_media_tags(self, rounds, image_pixels, video_pixels):
+        """Queries with every tag replaced by its blocks; the tiles, tile counts and context-token counts of the
+        blocks in text order."""
+        chunks: list[torch.Tensor] = []
+        tiles: list[int] = []
+        context_counts: list[int] = []
+        next_image = next_video = 0
+        queries = []
+        for query, _ in rounds:
+            pieces = _MEDIA_TAG.split(query)
+            for k in range(1, len(pieces), 2):  # odd pieces are the tags
+                if pieces[k] == IMAGE_TAG:
+                    # A merged block (one tag left by merge_image_tags) holds every image of the sample.
+                    group = image_pixels if self.merge_image_blocks else [image_pixels[next_image]]
+                    next_image += 1
+                    chunks += group
+                    tiles += [t.shape[0] for t in group]
+                    context_counts.append(self.image_tokens_per_tile * sum(t.shape[0] for t in group))
+                    pieces[k] = IMAGE_BLOCK
+                else:
+                    frames = video_pixels[next_video]
+                    next_video += 1
+                    chunks += frames
+                    tiles += [1] * len(frames)
+                    context_counts += [self.image_tokens_per_tile] * len(frames)
+                    pieces[k] = "\n".join(f"Frame{i}: {IMAGE_BLOCK}" for i in range(1, len(frames) + 1))
+            queries.append("".join(pieces))
+        return queries, chunks, tiles, context_counts
 
 
-def place_image_tags(record: Record) -> list[tuple[str, str]]:
-    """The record's rounds with one `<image>` tag per image.
+def _field(round_index: int, n_rounds: int, part: int) -> str:
+    """The record field holding part 0 (query) or 1 (response) of a round."""
+    if round_index == n_rounds - 1:
+        return ("query", "response")[part]
+    return f"history[{round_index}][{part}]"
 
-    Images beyond the tags in the queries get a `<image>\\n` each at the start of the first round's query
-    (ms-swift 2.x's rule), so a fully untagged record reads like the official `<image>\\nQuestion` form.
+
+def place_media_tags(record: Record) -> list[tuple[str, str]]:
+    """The record's rounds with one `<image>` tag per image and one `<video>` tag per video.
+
+    Media beyond the tags get `<image>\\n` (then `<video>\\n`) each at the start of the first round's query.
     """
     rounds = record.rounds
-    for i, (_, answer) in enumerate(rounds):
-        if IMAGE_TAG in answer:
-            name = "response" if i == len(rounds) - 1 else f"history[{i}][1]"
-            raise RecordError(record.source, record.line, name, f"{IMAGE_TAG} tags belong in queries")
-    tags = sum(q.count(IMAGE_TAG) for q, _ in rounds)
-    missing = len(record.images) - tags
-    if missing < 0:
-        raise RecordError(record.source, record.line, "images",
-                          f"{len(record.images)} images but {tags} {IMAGE_TAG} tags")
-    if missing:
-        first_query, first_response = rounds[0]
-        rounds[0] = (f"{IMAGE_TAG}\n" * missing + first_query, first_response)
+    n = len(rounds)
+
+    def fail(field_name: str, message: str):
+        raise RecordError(record.source, record.line, field_name, message)
+
+    for i, (query, answer) in enumerate(rounds):
+        for part, text in enumerate((query, answer)):
+            if IMAGE_CONTEXT_TOKEN in text:
+                fail(_field(i, n, part), f"{IMAGE_CONTEXT_TOKEN} is reserved for image features; "
+                                         f"write {IMAGE_TAG} where an image goes")
+        for tag in (IMAGE_TAG, VIDEO_TAG):
+            if tag in answer:
+                fail(_field(i, n, 1), f"{tag} tags belong in queries")
+    missing = {}
+    for tag, media, name in ((IMAGE_TAG, record.images, "images"), (VIDEO_TAG, record.videos, "videos")):
+        tags = sum(q.count(tag) for q, _ in rounds)
+        if tags > len(media):
+            fail(name, f"{len(media)} {name} but {tags} {tag} tags")
+        missing[tag] = len(media) - tags
+    prefix = f"{IMAGE_TAG}\n" * missing[IMAGE_TAG] + f"{VIDEO_TAG}\n" * missing[VIDEO_TAG]
+    if prefix:
+        rounds[0] = (prefix + rounds[0][0], rounds[0][1])
+    return rounds
+
+
+def merge_image_tags(record: Record, rounds: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """V1.5: the rounds with the adjacent `<image>` tags collapsed into one (whitespace between them dropped).
+
+    Tags in different rounds or with text between them cannot be merged without deleting that text: an error.
+    """
+    tagged = [i for i, (q, _) in enumerate(rounds) if IMAGE_TAG in q]
+    if not tagged:
+        return rounds
+    hint = ("V1.5 model types put all images in one block at the first <image> tag; "
+            "write the tags together (\"<image>\\n<image>\\nQuestion\") or drop them")
+    if len(tagged) > 1:
+        raise RecordError(record.source, record.line, _field(tagged[1], len(rounds), 0),
+                          f"<image> tags in more than one round ({', '.join(_field(i, len(rounds), 0) for i in tagged)}): "
+                          + hint)
+    first = tagged[0]
+    query, answer = rounds[first]
+    run = _IMAGE_RUN.search(query)
+    if run.group().count(IMAGE_TAG) != query.count(IMAGE_TAG):
+        raise RecordError(record.source, record.line, _field(first, len(rounds), 0),
+                          "text between <image> tags: " + hint)
+    rounds = list(rounds)
+    rounds[first] = (query[:run.start()] + IMAGE_TAG + query[run.end():], answer)
     return rounds

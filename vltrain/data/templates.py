@@ -186,3 +186,53 @@ def expand_image_context(
     ids += rendered_ids[start:]
     out_labels += labels[start:]
     return ids, out_labels
+
+
+def chat_template_jinja(template_name: str) -> str:
+    """The template as a Jinja chat template (for `tokenizer.chat_template`), rendering exactly what `render`
+    renders: `apply_chat_template(messages)` == BOS text (when `bos`) + `render(...).text`.
+
+    A leading `system` message sets the system text ("" = no system block); without one the template's
+    `default_system` is used, as the official `chat()` does. `add_generation_prompt` ends with the assistant
+    prefix. Content may be a string or a list of parts: `text`, `image` (-> `<IMG_CONTEXT>\\n`, the placeholder
+    transformers' InternVL processor expands into `<img>...</img>`) and `video` (-> `<video>\\n`).
+    """
+    import json
+
+    t = get_template(template_name)
+
+    def q(text: str) -> str:  # a Jinja string literal
+        return json.dumps(text, ensure_ascii=False)
+
+    # Every line starts and ends with a whitespace-trimming tag, so the line breaks are not rendered.
+    lines = [
+        "{%- macro text_of(content) -%}",
+        "  {%- if content is string -%}{{- content -}}",
+        "  {%- else -%}{%- for part in content -%}",
+        "    {%- if part['type'] == 'text' -%}{{- part['text'] -}}",
+        "    {%- elif part['type'] == 'image' -%}{{- '<IMG_CONTEXT>\\n' -}}",
+        "    {%- elif part['type'] == 'video' -%}{{- '<video>\\n' -}}",
+        "    {%- endif -%}",
+        "  {%- endfor -%}{%- endif -%}",
+        "{%- endmacro -%}",
+        "{%- if messages and messages[0]['role'] == 'system' -%}",
+        "  {%- set system = text_of(messages[0]['content']) -%}{%- set turns = messages[1:] -%}",
+        "{%- else -%}",
+        f"  {{%- set system = {q(t.default_system)} -%}}{{%- set turns = messages -%}}",
+        "{%- endif -%}",
+        "{{- bos_token -}}" if t.bos else "",
+        f"{{%- if system -%}}{{{{- {q(t.system_prefix)} + system + {q(t.stop_token)} -}}}}{{%- endif -%}}",
+        "{%- for message in turns -%}",
+        "  {%- set content = text_of(message['content']) -%}",
+        "  {%- set content = content | trim -%}" if t.strip else "",
+        "  {%- if message['role'] == 'user' -%}",
+        f"    {{{{- {q(t.user_prefix)} + content + {q(t.stop_token)} -}}}}",
+        "  {%- elif message['role'] == 'assistant' -%}",
+        f"    {{{{- {q(t.assistant_prefix)} + content + {q(t.stop_token)} -}}}}",
+        "  {%- else -%}",
+        "    {{- raise_exception('unsupported role ' + message['role'] + ' (a system message must come first)') -}}",
+        "  {%- endif -%}",
+        "{%- endfor -%}",
+        f"{{%- if add_generation_prompt -%}}{{{{- {q(t.assistant_prefix)} -}}}}{{%- endif -%}}",
+    ]
+    return "\n".join(line for line in lines if line)

@@ -1,12 +1,24 @@
 """Model and tokenizer loading: transformers' native InternVLForConditionalGeneration, random or pretrained.
 
-`init: random` builds the architecture in `model.arch` with random weights (the embedded tiny default, and
-real-size types for benchmarks); `init: pretrained` loads an HF-native InternVL folder. The tokenizer always
-carries the nine InternVL tokens, and `image_token_id` is read from it, never assumed.
+`model.path` is a local folder or a hub id (downloaded by `vltrain.model.hub`). A folder is either HF-native
+(config.json of an `internvl` model; loaded with `from_pretrained`, ps-v1 checkpoints with their subclass) or the
+original layout OpenGVLab publishes (`InternVLChatModel`, converted while loading by `vltrain.model.convert`).
+`init: random` builds the architecture in `model.arch` with random weights and needs no file at all: vocabulary
+size and `image_token_id` come from `arch` when there is no tokenizer (benchmarks, parameter counts on `meta`).
+
+Typical use, tokenizer first so that the data can be checked before any weight is read:
+
+    tokenizer = load_tokenizer_for(cfg.model)
+    tile_size, tokens_per_tile = model_geometry(cfg.model)     # config.json only
+    ...check or encode records...
+    model = load_model(cfg.model, tokenizer, dtype)
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -20,9 +32,27 @@ from transformers import (
 
 from vltrain.config import ConfigError, ModelConfig
 from vltrain.data.templates import get_template
-from vltrain.model.tokenizer import IMAGE_CONTEXT_TOKEN, add_internvl_tokens, load_tokenizer
+from vltrain.model.hub import resolve_model_path
+from vltrain.model.tokenizer import (
+    IMAGE_CONTEXT_TOKEN,
+    add_internvl_tokens,
+    load_tokenizer,
+)
 
 EMBEDDED_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "tiny_tokenizer"
+
+ATTN_IMPLS = ("sdpa", "eager", "flash_attention_2")
+
+# Files a tokenizer can need (the weights are fetched only when the model loads).
+TOKENIZER_FILES = ["config.json", "tokenizer*", "*.model", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template*"]
+
+# 8-bit weights go to the LLM's linear layers only. The vision tower and projector are small next to the LLM
+# (0.3B of InternVL2-8B; 6B of 26B-76B but run once per tile, not per token) and their outputs feed every image
+# token, so int8 rounding there costs accuracy for little memory; the LM head stays exact for the logits
+# (transformers' and bitsandbytes' own rule). LoRA adapters train on top of the frozen 8-bit LLM.
+INT8_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+INT8_THRESHOLD = 6.0  # LLM.int8() outlier threshold (transformers' BitsAndBytesConfig default)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -34,23 +64,59 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def load_model_tokenizer(cfg: ModelConfig, dtype: torch.dtype | None = None, seed: int = 42):
-    """Return (model, tokenizer) ready for training or generation, on CPU, in `dtype` (default: resolved)."""
-    tokenizer = load_tokenizer_for(cfg)
-    dtype = dtype or resolve_dtype(cfg.dtype)
-    if cfg.init == "random":
-        model = build_random_model(cfg, tokenizer, seed).to(dtype)
-    else:
-        model = InternVLForConditionalGeneration.from_pretrained(
-            cfg.path, dtype=dtype, attn_implementation=cfg.attn_impl
-        )
-        _check_vocab(model, tokenizer, cfg.path)
-    configure_generation(model, tokenizer, cfg.template)
-    return model, tokenizer
+def check_model_config(cfg: ModelConfig) -> None:
+    """What can be known wrong before anything big loads: the attention implementation and 8-bit support."""
+    if cfg.attn_impl not in ATTN_IMPLS:
+        raise ConfigError(f"model.attn_impl: '{cfg.attn_impl}' is not one of {', '.join(ATTN_IMPLS)}")
+    if cfg.attn_impl == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("model.attn_impl=flash_attention_2: the flash_attn package is not installed "
+                              "(`pip install flash-attn --no-build-isolation` on a machine with a CUDA GPU); "
+                              "use model.attn_impl=sdpa (the default) or eager")
+        if not torch.cuda.is_available():
+            raise ConfigError("model.attn_impl=flash_attention_2 needs a CUDA GPU and none is visible; "
+                              "use model.attn_impl=sdpa (the default) or eager")
+    if cfg.load_in_8bit:
+        int8_device()
+
+
+def int8_device() -> torch.device:
+    """The device 8-bit weights live on: the local CUDA GPU, else the CPU when this bitsandbytes runs 8-bit
+    matmuls there (0.45+ does). One ConfigError saying why otherwise."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.load_in_8bit: bitsandbytes is not installed (`pip install bitsandbytes`); "
+                          "or set model.load_in_8bit=false")
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    try:  # bitsandbytes before the multi-backend releases is CUDA-only: try one tiny 8-bit matmul
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear8bitLt(8, 8, bias=False, has_fp16_weights=False, threshold=INT8_THRESHOLD)
+        layer.weight = bnb.nn.Int8Params(torch.randn(8, 8), requires_grad=False, has_fp16_weights=False)
+        layer.to("cpu")(torch.randn(2, 8))
+    except Exception as e:  # noqa: BLE001 - whatever the backend raises, the message names it
+        raise ConfigError(f"model.load_in_8bit: bitsandbytes cannot run 8-bit layers without a CUDA GPU here "
+                          f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+                          "use a GPU machine, a newer bitsandbytes, or model.load_in_8bit=false") from None
+    return torch.device("cpu")
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------------------
 
 
 def load_tokenizer_for(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    source = cfg.tokenizer or cfg.path or EMBEDDED_TOKENIZER
+    """The tokenizer of `cfg` with the nine InternVL tokens and a pad token: `model.tokenizer`, else the one in
+    `model.path` (only its tokenizer files are downloaded for a hub id), else the embedded tiny tokenizer
+    (the tiny random model)."""
+    check_model_config(cfg)
+    source = cfg.tokenizer or cfg.path
+    if source is None:
+        if cfg.arch.get("llm", {}).get("vocab_size"):
+            raise ConfigError(f"model '{cfg.name}': init=random without model.path needs model.tokenizer for a "
+                              "tokenizer (load_model builds it without one)")
+        source = EMBEDDED_TOKENIZER
+    else:
+        source = resolve_model_path(str(source), cfg.hub, cfg.hub_token, files=TOKENIZER_FILES)
     tokenizer = load_tokenizer(source, template=cfg.template)
     add_internvl_tokens(tokenizer)
     if tokenizer.pad_token_id is None:
@@ -58,24 +124,157 @@ def load_tokenizer_for(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def build_random_model(cfg: ModelConfig, tokenizer, seed: int = 42) -> InternVLForConditionalGeneration:
-    """A randomly initialised InternVL of the architecture in `cfg.arch`, seeded so that it is reproducible."""
+# ---- model -------------------------------------------------------------------------------------------------
+
+
+def load_model_tokenizer(cfg: ModelConfig, dtype: torch.dtype | None = None, seed: int = 42):
+    """Return (model, tokenizer) ready for training or generation, in `dtype` (default: resolved)."""
+    tokenizer = load_tokenizer_for(cfg)  # validates cfg first
+    return load_model(cfg, tokenizer, dtype, seed), tokenizer
+
+
+def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, dtype: torch.dtype | None = None,
+               seed: int = 42, *, meta: bool = False) -> InternVLForConditionalGeneration:
+    """The model of `cfg`, on CPU (8-bit: on the GPU, or the CPU), in `dtype` (default: resolved).
+
+    `tokenizer` None is allowed for `init: random` (ids from `model.arch`). `meta=True` (random only) builds the
+    architecture on the `meta` device: no memory, for counting parameters. `model.drop_path_rate` > 0 adds
+    stochastic depth to the vision layers (active in training mode only).
+    """
+    if not meta:  # a count on meta neither runs attention nor quantizes
+        check_model_config(cfg)
+    dtype = dtype or resolve_dtype(cfg.dtype)
+    if cfg.init == "random":
+        if meta:
+            with torch.device("meta"):
+                return build_random_model(cfg, tokenizer, seed, check_ids=False)
+        model = build_random_model(cfg, tokenizer, seed).to(dtype)
+        if cfg.load_in_8bit:
+            quantize_llm_8bit(model, int8_device())
+    else:
+        if meta:
+            raise ConfigError("meta=True builds init=random models only")
+        if tokenizer is None:
+            raise ConfigError(f"model.path={cfg.path}: a pretrained model loads with its tokenizer "
+                              "(load_tokenizer_for)")
+        path = resolve_model_path(cfg.path, cfg.hub, cfg.hub_token)
+        model = _load_folder(path, tokenizer, dtype, cfg)
+        _check_vocab(model, tokenizer, path)
+    if cfg.drop_path_rate > 0:
+        from vltrain.model.internvl import set_drop_path
+
+        set_drop_path(model, cfg.drop_path_rate)
+    if tokenizer is not None:
+        configure_generation(model, tokenizer, cfg.template)
+    return model
+
+
+def _load_folder(path: Path, tokenizer, dtype: torch.dtype, cfg: ModelConfig) -> InternVLForConditionalGeneration:
+    from vltrain.model.convert import is_original_layout, load_original
+
+    if is_original_layout(path):
+        model = load_original(path, tokenizer, dtype, cfg.attn_impl)
+        if cfg.load_in_8bit:
+            quantize_llm_8bit(model, int8_device())
+        return model
+    config = internvl_folder_config(path)
+    kwargs = {}
+    if cfg.load_in_8bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD,
+                                                            llm_int8_skip_modules=INT8_SKIP_MODULES),
+                  "device_map": {"": int8_device()}}
+    return _model_class(config).from_pretrained(path, config=config, dtype=dtype,
+                                                attn_implementation=cfg.attn_impl, **kwargs)
+
+
+def internvl_folder_config(path: Path) -> InternVLConfig:
+    """The InternVLConfig of an HF-native folder; a clear error for any other kind of folder."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{path}: no config.json; model.path must be an InternVL checkpoint folder")
     try:
-        config = internvl_config(cfg.arch, vocab_size=len(tokenizer),
-                                 image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN),
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as e:
+        raise ConfigError(f"{config_file}: not a config transformers reads ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, InternVLConfig):
+        raise ConfigError(f"{config_file}: model_type '{config.model_type}' is not an InternVL model (expected "
+                          "'internvl', or the original 'internvl_chat' layout)")
+    return config
+
+
+def _model_class(config: InternVLConfig) -> type[InternVLForConditionalGeneration]:
+    from vltrain.model.internvl import model_class
+
+    try:
+        return model_class(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def quantize_llm_8bit(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Replace the LLM's nn.Linear layers (not `INT8_SKIP_MODULES`) by bitsandbytes 8-bit layers on `device`, in
+    place, and move the rest of the model there: what `BitsAndBytesConfig(load_in_8bit=True)` gives at
+    `from_pretrained`, for models built in memory (random init, the original-layout converter)."""
+    import bitsandbytes as bnb
+
+    targets = [(name, module) for name, module in model.named_modules()
+               if type(module) is torch.nn.Linear
+               and not any(name == p or name.startswith(p + ".") for p in INT8_SKIP_MODULES)]
+    for name, linear in targets:
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                    has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta")
+        layer.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
+        if linear.bias is not None:
+            layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, layer.to(device))  # .to() quantizes
+    model.to(device)
+    model.is_loaded_in_8bit = True  # what peft / Trainer look at on from_pretrained-quantized models
+    return model
+
+
+def build_random_model(cfg: ModelConfig, tokenizer=None, seed: int = 42,
+                       check_ids: bool = True) -> InternVLForConditionalGeneration:
+    """A randomly initialised InternVL of the architecture in `cfg.arch`, seeded so that it is reproducible.
+
+    With a tokenizer, its length and `<IMG_CONTEXT>` id are used (and must agree with `arch` where it gives
+    them); without, `arch.llm.vocab_size` and `arch.image_token_id`. `check_ids=False` skips the check that
+    `image_token_id` is inside the vocabulary (a count on `meta` never embeds it).
+    """
+    vocab_size = image_token_id = None
+    if tokenizer is not None:
+        vocab_size = len(tokenizer)
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
+        arch_vocab = cfg.arch.get("llm", {}).get("vocab_size")
+        arch_image = cfg.arch.get("image_token_id")
+        if arch_vocab is not None and arch_vocab < vocab_size:
+            raise ConfigError(f"model.arch.llm.vocab_size {arch_vocab} of '{cfg.name}' is smaller than the "
+                              f"tokenizer ({vocab_size} tokens)")
+        if arch_image is not None and arch_image != image_token_id:
+            raise ConfigError(f"model.arch.image_token_id {arch_image} of '{cfg.name}' differs from the "
+                              f"tokenizer's {IMAGE_CONTEXT_TOKEN} id {image_token_id}")
+        vocab_size = arch_vocab or vocab_size
+    try:
+        config = internvl_config(cfg.arch, vocab_size=vocab_size, image_token_id=image_token_id,
                                  attn_impl=cfg.attn_impl)
     except KeyError as e:
         raise ConfigError(f"model.arch of '{cfg.name}' lacks {e} (needs vision, llm and llm.model_type)") from None
+    if check_ids and config.image_token_id >= config.text_config.vocab_size:
+        raise ConfigError(f"model.arch of '{cfg.name}': image_token_id {config.image_token_id} is outside the "
+                          f"vocabulary (llm.vocab_size {config.text_config.vocab_size})")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return InternVLForConditionalGeneration(config)
 
 
-def internvl_config(arch: dict, vocab_size: int | None = None, image_token_id: int = 0,
+def internvl_config(arch: dict, vocab_size: int | None = None, image_token_id: int | None = None,
                     attn_impl: str = "sdpa") -> InternVLConfig:
     """The InternVLConfig of a `model.arch` mapping: `vision` and `llm` keyword dicts plus top-level keys.
 
-    `vocab_size` (default: `arch.llm.vocab_size`) and `image_token_id` come from the tokenizer when there is one.
+    `vocab_size` (default: `arch.llm.vocab_size`) and `image_token_id` (default: `arch.image_token_id`) come
+    from the tokenizer when there is one.
     """
     arch = dict(arch)
     vision = InternVLVisionConfig(**arch.pop("vision"))
@@ -84,13 +283,16 @@ def internvl_config(arch: dict, vocab_size: int | None = None, image_token_id: i
     llm.pop("vocab_size", None)
     if vocab_size is None:
         raise ConfigError("model.arch.llm.vocab_size is needed to build a model without a tokenizer")
+    arch_image_token_id = arch.pop("image_token_id", None)
+    image_token_id = arch_image_token_id if image_token_id is None else image_token_id
+    if image_token_id is None:
+        raise ConfigError("model.arch.image_token_id is needed to build a model without a tokenizer")
     text = AutoConfig.for_model(llm.pop("model_type"), vocab_size=vocab_size, **llm)
     text.tie_word_embeddings = False
-    image_side = vision.image_size[0] // vision.patch_size[0]
     config = InternVLConfig(
         vision_config=vision,
         text_config=text,
-        image_seq_length=int(image_side**2 * arch.get("downsample_ratio", 0.5) ** 2),
+        image_seq_length=tokens_per_tile(vision.image_size[0], vision.patch_size[0], arch.get("downsample_ratio", 0.5)),
         image_token_id=image_token_id,
         # InternVLConfig ties lm_head to the embeddings by default; InternVL checkpoints never do.
         tie_word_embeddings=False,
@@ -100,8 +302,51 @@ def internvl_config(arch: dict, vocab_size: int | None = None, image_token_id: i
     return config
 
 
+# ---- geometry ----------------------------------------------------------------------------------------------
+
+
+def tokens_per_tile(image_size: int, patch_size: int, downsample_ratio: float) -> int:
+    """`<IMG_CONTEXT>` tokens of one tile: (image_size / patch_size)^2 patches, pixel-shuffled by the ratio."""
+    return int((image_size // patch_size) ** 2 * downsample_ratio**2)
+
+
+def model_geometry(cfg: ModelConfig) -> tuple[int, int]:
+    """(tile size in pixels, `<IMG_CONTEXT>` tokens per tile) without loading weights: from `model.arch` for
+    `init: random`, else from the checkpoint's config.json (only that file is fetched for a hub id)."""
+    if cfg.init == "random":
+        try:
+            vision = cfg.arch["vision"]
+        except KeyError:
+            raise ConfigError(f"model.arch of '{cfg.name}' lacks 'vision'") from None
+        size, patch = _side(vision.get("image_size", 448)), _side(vision.get("patch_size", 14))
+        return size, tokens_per_tile(size, patch, cfg.arch.get("downsample_ratio", 0.5))
+    path = resolve_model_path(cfg.path, cfg.hub, cfg.hub_token, files=["config.json"])
+    return folder_geometry(path)
+
+
+def folder_geometry(path: Path) -> tuple[int, int]:
+    """(tile size, tokens per tile) of a checkpoint folder's config.json, original or HF-native layout."""
+    config_file = Path(path) / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{config_file}: cannot read the model config ({e})") from None
+    vision = config.get("vision_config") or {}
+    if config.get("model_type") == "internvl_chat" or "InternVLChatModel" in (config.get("architectures") or []):
+        # The original model resizes its position embeddings to force_image_size when it is set.
+        size = _side(config.get("force_image_size") or vision.get("image_size", 448))
+        return size, tokens_per_tile(size, _side(vision.get("patch_size", 14)), config.get("downsample_ratio", 0.5))
+    if config.get("model_type") != "internvl" or "image_seq_length" not in config:
+        raise ConfigError(f"{config_file}: not an InternVL config (model_type '{config.get('model_type')}')")
+    return _side(vision.get("image_size", 448)), int(config["image_seq_length"])
+
+
+def _side(value) -> int:
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
 def vision_geometry(model) -> tuple[int, int]:
-    """(tile size in pixels, `<IMG_CONTEXT>` tokens per tile) of an InternVL model, from its config."""
+    """(tile size in pixels, `<IMG_CONTEXT>` tokens per tile) of a loaded InternVL model, from its config."""
     config = model.config
     return config.vision_config.image_size[0], config.image_seq_length
 
@@ -129,6 +374,8 @@ def _check_vocab(model, tokenizer, path) -> None:
 def load_checkpoint(ckpt_dir: str | Path):
     """(model, tokenizer, TrainConfig) from a `checkpoint-<step>/` folder: LoRA adapters go onto their base model
     (named in the checkpoint's vltrain.yaml), full checkpoints load directly."""
+    import dataclasses
+
     import yaml
     from peft import PeftModel
 
@@ -142,11 +389,9 @@ def load_checkpoint(ckpt_dir: str | Path):
     tokenizer = load_tokenizer(ckpt, template=cfg.model.template)
     dtype = resolve_dtype(cfg.model.dtype)
     if (ckpt / "adapter_config.json").is_file():
-        base = InternVLForConditionalGeneration.from_pretrained(cfg.model.path, dtype=dtype,
-                                                                attn_implementation=cfg.model.attn_impl)
-        model = PeftModel.from_pretrained(base, ckpt)
+        model = PeftModel.from_pretrained(load_model(cfg.model, tokenizer, dtype), ckpt)
     else:
-        model = InternVLForConditionalGeneration.from_pretrained(ckpt, dtype=dtype,
-                                                                 attn_implementation=cfg.model.attn_impl)
+        # the full checkpoint is an HF-native folder; a drop path rate only matters while training
+        model = _load_folder(ckpt, tokenizer, dtype, dataclasses.replace(cfg.model, load_in_8bit=False))
     configure_generation(model, tokenizer, cfg.model.template)
     return model, tokenizer, cfg

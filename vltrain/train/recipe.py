@@ -5,17 +5,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
 import yaml
 from transformers import TrainingArguments, set_seed
 
-from vltrain.config import TrainConfig, training_defaults
+from vltrain.check import DataError, check_splits, enforce, outcome_from_encoded_row
+from vltrain.config import ConfigError, TrainConfig, training_defaults
 from vltrain.data.collator import Collator
-from vltrain.data.dataset import EncodedDataset, load_splits
+from vltrain.data.dataset import EncodedDataset, PreEncodedDataset, encode_with_datasets, load_splits
 from vltrain.data.encode import Encoder
-from vltrain.model.load import load_model_tokenizer, resolve_dtype, vision_geometry
+from vltrain.data.records import RecordError
+from vltrain.model.load import load_model, load_tokenizer_for, model_geometry, resolve_dtype, vision_geometry
 from vltrain.model.tuning import apply_sft, trainable_summary
 from vltrain.train.callbacks import CheckpointRunFiles, JsonlLogger, LossPlot
 from vltrain.train.trainer import VLTrainer
@@ -43,21 +46,26 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
 
 def build_trainer(cfg: TrainConfig) -> VLTrainer:
-    """Everything a run needs, in order: arguments, records, model, trainable parts, trainer. Writes the run
-    folder's config (and the base model, when it is randomly initialised)."""
+    """Everything a run needs, in order: arguments, tokenizer and encoder, records (every one encoded once and
+    checked), model, trainable parts, trainer. Writes the run folder's config (and the base model, when it is
+    randomly initialised). A bad record stops the run before any weights load (`data.on_error`)."""
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args = build_training_arguments(cfg, run_dir, world_size)
     set_seed(args.seed)
-    train_records, val_records = load_splits(cfg.dataset)  # before the model: a bad file fails in seconds
+    tokenizer = load_tokenizer_for(cfg.model)
+    encoder = make_encoder(cfg, tokenizer=tokenizer)
+    train_dataset, eval_dataset, val_records = prepare_data(cfg, encoder, run_dir)
 
     # Full fine-tuning keeps fp32 master weights under mixed precision; LoRA trains fp32 adapters on a base
     # held in the compute dtype.
     compute_dtype = resolve_dtype(cfg.model.dtype)
-    model, tokenizer = load_model_tokenizer(
-        cfg.model, dtype=compute_dtype if cfg.sft_type.name == "lora" else torch.float32, seed=args.seed
-    )
+    model = load_model(cfg.model, tokenizer, dtype=compute_dtype if cfg.sft_type.name == "lora" else torch.float32,
+                       seed=args.seed)
+    if (encoder.tile_size, encoder.image_tokens_per_tile) != vision_geometry(model):
+        raise ConfigError(f"model '{cfg.model.name}': its config gives {vision_geometry(model)} (tile px, tokens "
+                          f"per tile), model.arch says {(encoder.tile_size, encoder.image_tokens_per_tile)}")
     if cfg.model.init == "random":
         # A random base is part of the run: save it so LoRA checkpoints reload onto the same weights.
         base = run_dir / BASE_MODEL_DIR
@@ -67,16 +75,15 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
     model = apply_sft(model, cfg.sft_type)
     log.info("%s", trainable_summary(model))
 
-    encoder = make_encoder(cfg, model, tokenizer)
     run_config = run_config_yaml(cfg)
     (run_dir / RUN_CONFIG).write_text(run_config, encoding="utf-8")
-    log.info("train rows %d, held-out rows %d, run folder %s", len(train_records), len(val_records), run_dir)
+    log.info("train rows %d, held-out rows %d, run folder %s", len(train_dataset), len(val_records), run_dir)
 
     return VLTrainer(
         model=model,
         args=args,
-        train_dataset=EncodedDataset(train_records, encoder),
-        eval_dataset=EncodedDataset(val_records, encoder) if val_records else None,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         data_collator=Collator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=[JsonlLogger(run_dir), LossPlot(run_dir), CheckpointRunFiles(run_config)],
@@ -86,11 +93,47 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
     )
 
 
-def make_encoder(cfg: TrainConfig, model, tokenizer) -> Encoder:
-    """The record encoder for this model: its template, system, tile budget and image geometry."""
-    tile_size, tokens_per_tile = vision_geometry(model)
-    return Encoder(tokenizer, cfg.model.template, cfg.model.system, cfg.model.max_tiles, cfg.data.max_length,
-                   tokens_per_tile, tile_size)
+def prepare_data(cfg: TrainConfig, encoder: Encoder, run_dir: Path):
+    """(train dataset, eval dataset or None, held-out records): every record read and encoded once, problems
+    handled by `data.on_error` (raise: DataError listing all; skip: rows left out, listed in skipped_rows.jsonl).
+
+    `data.encode=lazy` encodes again in the DataLoader workers; `datasets` keeps this first encoding (HF datasets,
+    cached in the run folder under a fingerprint) and serves samples from it.
+    """
+    read_errors: list[RecordError] = []
+    train_records, val_records = load_splits(cfg.dataset, errors=read_errors)
+    splits = {"train": train_records, "val": val_records}
+    start = time.perf_counter()
+    if cfg.data.encode == "datasets":
+        unique = list({id(r): r for rs in splits.values() for r in rs}.values())
+        encoded = encode_with_datasets(unique, encoder, run_dir / "encoded", cfg.data.num_proc)
+        row_of = {id(r): i for i, r in enumerate(unique)}
+        sizes = encoded.select_columns(["input_ids", "labels", "tiles_per_image", "error"])  # not the pixels
+        outcomes = {id(r): outcome_from_encoded_row(row) for r, row in zip(unique, sizes)}
+        report = check_splits(splits, encoder, read_errors=read_errors, outcomes=outcomes)
+    else:
+        report = check_splits(splits, encoder, cfg.data.num_proc, read_errors)
+    log.info("data check: %d records encoded in %.1fs (data.num_proc=%d)\n%s", len(train_records) + len(val_records),
+             time.perf_counter() - start, cfg.data.num_proc, report.format(problems=False))
+    bad = enforce(report, cfg.data.on_error, run_dir)
+    train_records = [r for r in train_records if (r.source, r.line) not in bad]
+    val_records = [r for r in val_records if (r.source, r.line) not in bad]
+    if not train_records:
+        raise DataError("no training rows left after leaving out the bad ones")
+    if cfg.data.encode == "datasets":
+        def make(records):
+            return PreEncodedDataset(encoded, [row_of[id(r)] for r in records])
+    else:
+        def make(records):
+            return EncodedDataset(records, encoder)
+    return make(train_records), (make(val_records) if val_records else None), val_records
+
+
+def make_encoder(cfg: TrainConfig, model=None, tokenizer=None) -> Encoder:
+    """The record encoder for this model: its template, system, tile budget and image geometry. The geometry
+    comes from `model` when given, else from the model config alone (no weights loaded)."""
+    tile_size, tokens_per_tile = vision_geometry(model) if model is not None else model_geometry(cfg.model)
+    return Encoder.from_config(cfg, tokenizer, tile_size, tokens_per_tile)
 
 
 def build_training_arguments(cfg: TrainConfig, run_dir: Path, world_size: int) -> TrainingArguments:

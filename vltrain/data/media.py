@@ -1,0 +1,328 @@
+"""Media: image and video references of a record read into PIL images.
+
+A reference (`ref`) is a string of one of three kinds (`media_kind`):
+  path    a local file, absolute (records resolve paths relative to their data file before this module sees them)
+  url     `http://` or `https://`; fetched once into an on-disk cache, then read from there
+  base64  `data:image/<type>;base64,<data>` or the raw base64 of the file's bytes (images only)
+
+Images come back as RGB, fully decoded (a truncated or corrupt file fails here, not later in a worker's tiling),
+with the file closed. Videos give `num_frames` RGB frames, the middle frame of each of `num_frames` equal
+segments (see `frame_indices`), read with decord when it is installed and PyAV otherwise.
+
+URL fetching (standard library `urllib`; `requests` is not a dependency): `timeout` seconds per attempt (for the
+connection and for the whole body), at most `max_bytes` bytes (checked against Content-Length and while streaming),
+`retries` extra attempts after a timeout, a dropped connection, HTTP 408/429 or 5xx, waiting `backoff`, 2 x
+`backoff`, ... seconds between attempts. Other HTTP errors (404, 403, ...) and an oversized body fail at once. A
+fetched file is stored under `cache_dir` as the SHA-256 of its URL (written to a temporary file, then renamed,
+so a reader never sees half a file); a cached file that turns out not to decode is removed so the next attempt
+fetches again.
+
+Every problem is a `MediaError` naming the reference and what went wrong; callers add `file:line: field:`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import os
+import re
+import struct
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from http.client import HTTPException
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "vltrain" / "media"
+_CHUNK = 1 << 16
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+_DATA_URI = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(;[^;,]*)*),", re.IGNORECASE)
+# What PIL's decoders raise on a bad file (the plugins are not consistent).
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error,
+               Image.DecompressionBombError)
+_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,5}$")
+# First bytes of the image formats PIL reads that appear in datasets; used only to tell base64 from a path.
+_IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*", b"\x00\x00\x01\x00")
+
+
+class MediaError(ValueError):
+    """An image or video that cannot be read; the message names the reference."""
+
+
+@dataclass
+class MediaOptions:
+    """How URLs are fetched and cached. `MediaOptions.from_config(cfg.data)` builds it from `DataConfig`."""
+
+    cache_dir: Path | None = None
+    """Folder of fetched URLs; None: ~/.cache/vltrain/media."""
+    timeout: float = 20.0
+    """Seconds per attempt, for the connection and for the whole body."""
+    retries: int = 2
+    """Extra attempts after a transient failure (timeout, dropped connection, HTTP 408/429/5xx)."""
+    max_bytes: int = 50_000_000
+    """Largest body a URL may return."""
+    backoff: float = 0.5
+    """Seconds before the first retry; doubled before each later one."""
+
+    @classmethod
+    def from_config(cls, data) -> MediaOptions:
+        """From a `DataConfig` (`media_cache`, `url_timeout`, `url_retries`, `url_max_bytes`)."""
+        return cls(
+            cache_dir=Path(data.media_cache).expanduser() if data.media_cache else None,
+            timeout=data.url_timeout,
+            retries=data.url_retries,
+            max_bytes=data.url_max_bytes,
+        )
+
+
+# ---------------------------------------------------------------- references
+
+
+def describe(ref: str) -> str:
+    """A reference short enough for an error message (base64 data is cut)."""
+    return ref if len(ref) <= 100 else f"{ref[:48]}... ({len(ref)} characters)"
+
+
+def is_url(ref: str) -> bool:
+    return ref[:8].lower().startswith(("http://", "https://"))
+
+
+def is_data_uri(ref: str) -> bool:
+    return ref[:5].lower() == "data:"
+
+
+def looks_like_base64_image(ref: str) -> bool:
+    """Raw base64 whose first bytes are those of a common image format (so a path never passes for it)."""
+    text = "".join(ref.split())
+    if len(text) < 24 or len(text) % 4 or not _BASE64.fullmatch(text):
+        return False
+    head = base64.b64decode(text[:24])
+    return head.startswith(_IMAGE_SIGNATURES)
+
+
+def media_kind(ref: str) -> str:
+    """"url", "base64" or "path". A string that is an existing file is a path even if it could be base64."""
+    if is_url(ref):
+        return "url"
+    if is_data_uri(ref):
+        return "base64"
+    if len(ref) < 4096 and os.path.isfile(ref):
+        return "path"
+    return "base64" if looks_like_base64_image(ref) else "path"
+
+
+def decode_base64(ref: str) -> bytes:
+    """The bytes of a `data:image/...;base64,` URI or of raw base64 (whitespace ignored)."""
+    payload = ref
+    if is_data_uri(ref):
+        match = _DATA_URI.match(ref)
+        params = match["params"].lower().split(";") if match else []
+        if not match or "base64" not in params or not match["type"].lower().startswith("image/"):
+            raise MediaError(f"{describe(ref)}: only base64 image data URIs are read (data:image/<type>;base64,...)")
+        payload = ref[match.end():]
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise MediaError(f"{describe(ref)}: invalid base64 ({e})") from None
+
+
+# ---------------------------------------------------------------- URLs
+
+
+class _Permanent(Exception):
+    """A fetch failure that another attempt would not fix."""
+
+
+def cache_path(url: str, options: MediaOptions | None = None) -> Path:
+    """Where `url` is (or will be) cached: `<cache_dir>/<sha256 of the URL><suffix of its path>`."""
+    options = options or MediaOptions()
+    folder = Path(options.cache_dir) if options.cache_dir else DEFAULT_CACHE_DIR
+    suffix = _SUFFIX.search(urllib.parse.urlsplit(url).path)
+    return folder / (hashlib.sha256(url.encode("utf-8")).hexdigest() + (suffix[0].lower() if suffix else ""))
+
+
+def fetch_url(url: str, options: MediaOptions | None = None) -> Path:
+    """The cached copy of `url`, fetched first when it is not cached yet."""
+    options = options or MediaOptions()
+    target = cache_path(url, options)
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    attempts = max(0, options.retries) + 1
+    last = ""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(options.backoff * 2 ** (attempt - 1))
+        try:
+            _download(url, target, options)
+            return target
+        except _Permanent as e:
+            raise MediaError(f"{url}: {e}") from None
+        except (urllib.error.URLError, OSError, HTTPException) as e:
+            last = _reason(e)
+    raise MediaError(f"{url}: {last} (after {attempts} attempt{'s' if attempts > 1 else ''})")
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    if isinstance(error, urllib.error.URLError):
+        error = error.reason if isinstance(error.reason, Exception) else error
+    if isinstance(error, TimeoutError):
+        return f"timed out ({error})" if str(error) else "timed out"
+    return f"{type(error).__name__}: {error}"
+
+
+def _download(url: str, target: Path, options: MediaOptions) -> None:
+    deadline = time.monotonic() + options.timeout
+    request = urllib.request.Request(url, headers={"User-Agent": "vltrain"})
+    try:
+        response = urllib.request.urlopen(request, timeout=options.timeout)
+    except urllib.error.HTTPError as e:
+        e.close()
+        if e.code in (408, 429) or e.code >= 500:
+            raise
+        raise _Permanent(_reason(e)) from None
+    with response:
+        length = response.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > options.max_bytes:
+            raise _Permanent(f"{int(length)} bytes, more than the limit of {options.max_bytes} (data.url_max_bytes)")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+        try:
+            size = 0
+            with os.fdopen(fd, "wb") as out:
+                while chunk := response.read(_CHUNK):
+                    size += len(chunk)
+                    if size > options.max_bytes:
+                        raise _Permanent(f"more than the limit of {options.max_bytes} bytes (data.url_max_bytes)")
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"body not complete after {options.timeout} s")
+                    out.write(chunk)
+            if length and length.isdigit() and size != int(length):
+                raise HTTPException(f"body ended after {size} of {length} bytes")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+# ---------------------------------------------------------------- images
+
+
+def load_image(ref: str, options: MediaOptions | None = None) -> Image.Image:
+    """The image `ref` names, as a fully decoded RGB image whose file is closed."""
+    kind = media_kind(ref)
+    if kind == "base64":
+        return _decode_image(io.BytesIO(decode_base64(ref)), ref)
+    if kind == "path":
+        if not os.path.isfile(ref):
+            raise MediaError(f"{describe(ref)}: file not found")
+        return _decode_image(ref, ref)
+    cached = fetch_url(ref, options)
+    try:
+        return _decode_image(cached, ref)
+    except MediaError as e:
+        cached.unlink(missing_ok=True)  # a bad body must not stay cached for ever
+        raise MediaError(f"{e} (fetched copy removed from the cache)") from None
+
+
+def _decode_image(source, ref: str) -> Image.Image:
+    try:
+        with Image.open(source) as image:
+            image.load()  # decodes every pixel: a truncated file raises here
+            return image.convert("RGB")  # a new image, independent of the file
+    except Image.UnidentifiedImageError:
+        raise MediaError(f"{describe(ref)}: not an image PIL can read") from None
+    except _PIL_ERRORS as e:
+        raise MediaError(f"{describe(ref)}: cannot decode the image ({type(e).__name__}: {e})") from None
+
+
+# ---------------------------------------------------------------- videos
+
+
+def frame_indices(total: int, num_frames: int) -> list[int]:
+    """The frames InternVL2 and ms-swift 2.x read: the middle of each of `num_frames` equal segments.
+
+    With `seg = (total - 1) / num_frames`, frame k is `int(seg / 2 + round(seg * k))` for k = 0..num_frames-1
+    (`round` halves to even, as numpy's does). Example: 40 frames, 8 segments -> seg 4.875 ->
+    [2, 7, 12, 17, 22, 26, 31, 36]. Needs `total >= num_frames`; when `total` is close to `num_frames` a frame
+    can repeat (8 of 8 frames -> [0, 1, 2, 3, 4, 4, 5, 6]), as in the official code.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    seg = (total - 1) / num_frames
+    return [int(seg / 2 + round(seg * k)) for k in range(num_frames)]
+
+
+def load_video_frames(ref: str, num_frames: int, options: MediaOptions | None = None) -> list[Image.Image]:
+    """`num_frames` RGB frames of the video `ref` (a path or a URL), chosen by `frame_indices`."""
+    if media_kind(ref) == "url":
+        path = str(fetch_url(ref, options))
+    elif media_kind(ref) == "base64" or not os.path.isfile(ref):
+        raise MediaError(f"{describe(ref)}: file not found (videos are read from files or URLs)")
+    else:
+        path = ref
+    try:
+        import decord
+    except ImportError:
+        decord = None
+    try:
+        if decord is not None:
+            return _frames_decord(decord, path, ref, num_frames)
+        return _frames_pyav(path, ref, num_frames)
+    except MediaError:
+        raise
+    except ImportError:
+        raise MediaError(f"{describe(ref)}: reading videos needs decord or PyAV (pip install 'vltrain[video]')") from None
+    except Exception as e:  # noqa: BLE001 - decord's and PyAV's many FFmpeg errors, all reported the same way
+        raise MediaError(f"{describe(ref)}: cannot read the video ({type(e).__name__}: {e})") from None
+
+
+def _check_length(ref: str, total: int, num_frames: int) -> list[int]:
+    if total < num_frames:
+        raise MediaError(f"{describe(ref)}: the video has {total} frame{'s' if total != 1 else ''}, "
+                         f"fewer than the {num_frames} asked (data.video_frames)")
+    return frame_indices(total, num_frames)
+
+
+def _frames_decord(decord, path: str, ref: str, num_frames: int) -> list[Image.Image]:
+    reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    indices = _check_length(ref, len(reader), num_frames)
+    batch = reader.get_batch(indices)
+    frames = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)  # (N, H, W, 3) uint8
+    return [Image.fromarray(frame).convert("RGB") for frame in frames]
+
+
+def _frames_pyav(path: str, ref: str, num_frames: int) -> list[Image.Image]:
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise MediaError(f"{describe(ref)}: no video stream")
+        total = container.streams.video[0].frames
+    if not total:  # the container does not say (e.g. WebM): count by decoding
+        with av.open(path) as container:
+            total = sum(1 for _ in container.decode(video=0))
+    indices = _check_length(ref, total, num_frames)
+    wanted: dict[int, list[int]] = {}
+    for k, index in enumerate(indices):
+        wanted.setdefault(index, []).append(k)
+    frames: list[Image.Image | None] = [None] * num_frames
+    with av.open(path) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            for k in wanted.get(index, ()):
+                frames[k] = frame.to_image().convert("RGB")
+            if index >= indices[-1]:
+                break
+    if any(frame is None for frame in frames):
+        raise MediaError(f"{describe(ref)}: the video ends before frame {indices[-1]} "
+                         f"(its header says {total} frames)")
+    return frames
