@@ -73,3 +73,32 @@ def test_training_lowers_loss_and_checkpoint_reloads(tmp_path, demo, sft):
     assert (trained - again).abs().max() <= 1e-6
     base, _ = load_model_tokenizer(saved_cfg.model)  # the saved random base: training moved away from it
     assert (held_out_logits(base, saved_cfg, tokenizer) - trained).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sft", ["lora", "full"])
+def test_training_from_an_original_layout_checkpoint(tmp_path, demo, shared_tokenizers, sft):
+    """`model=internvl2-1b model.path=<original InternVLChatModel folder>`: converted while loading, trained, and
+    its checkpoint reloads onto the same base (the original folder, converted again) with the same logits.
+    (Qwen2: InternLM2's dynamic rope keeps the longest length seen so far, so its logits depend on history.)"""
+    import importlib.util
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "make_tiny_original.py"
+    spec = importlib.util.spec_from_file_location("make_tiny_original", script)
+    maker = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = maker
+    spec.loader.exec_module(maker)
+    original = maker.make_checkpoint("qwen2", tmp_path / "original", shared_tokenizers)
+
+    cfg = compose_config([
+        "model=internvl2-1b", f"model.path={original}", f"sft_type={sft}", "dataset=custom",
+        f"dataset.train=[{demo.train}]", f"dataset.val=[{demo.val}]", "eval.generate_samples=2",
+        "eval.max_new_tokens=3", "global_batch_size=2", "trainer.max_steps=3", "trainer.per_device_train_batch_size=2",
+        "trainer.eval_steps=3", "trainer.save_steps=3", "trainer.dataloader_num_workers=0", "data.max_length=4096",
+    ], run_dir=str(tmp_path / "run"))
+    trainer = build_trainer(cfg)
+    assert trainer.train().global_step == 3
+    reloaded, tokenizer, saved_cfg = load_checkpoint(Path(cfg.run_dir) / "checkpoint-3")
+    assert saved_cfg.model.path == str(original)
+    trained = held_out_logits(trainer.model, saved_cfg, tokenizer)
+    assert (trained - held_out_logits(reloaded, saved_cfg, tokenizer)).abs().max() <= 1e-5

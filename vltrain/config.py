@@ -81,7 +81,8 @@ class DatasetConfig:
     name: str = "custom"
     """Dataset name (for the record only)."""
     train: list[str] = field(default_factory=list)
-    """Training files (`.jsonl`), each optionally `path#N` to sample N rows (repeating if N exceeds the file)."""
+    """Training data specs, mixed freely: record files (`.jsonl`, `.json`) or hub dataset names (`coco-en-2-mini`,
+    `HF::name`, `MS::name`), each optionally `#N` to sample N rows (repeating when N exceeds the size, seeded)."""
     val: list[str] = field(default_factory=list)
     """Held-out files; when given, `val_ratio` is ignored."""
     val_ratio: float = 0.01
@@ -116,7 +117,7 @@ class DataConfig:
     """`lazy`: records are encoded in DataLoader workers; `datasets`: encoded up front with HF datasets (cached,
     `num_proc` processes). Both give identical samples."""
     num_proc: int = 1
-    """Processes for `encode: datasets`."""
+    """Processes that read and encode records for the check before training and for `encode: datasets`."""
     media_cache: str | None = None
     """Folder where images fetched from URLs are kept (fetched once). None: ~/.cache/vltrain/media."""
     url_timeout: float = 20.0

@@ -17,6 +17,9 @@ def answer_records(model, encoder: Encoder, records: list[Record], max_new_token
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    # Passed on every call: transformers' Trainer re-aligns generation_config.eos_token_id with the tokenizer's
+    # EOS (`</s>` for InternLM2), which is not where InternVL's templates stop.
+    stop_id = tokenizer.convert_tokens_to_ids(encoder.template.stop_token)
     answers = []
     try:
         for start in range(0, len(records), batch_size):
@@ -27,7 +30,8 @@ def answer_records(model, encoder: Encoder, records: list[Record], max_new_token
             batch = {k: v.to(device) for k, v in batch.items()}
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_id,
+                                 pad_token_id=tokenizer.pad_token_id)
             new_tokens = out[:, batch["input_ids"].shape[1]:]
             answers += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     finally:
