@@ -11,9 +11,9 @@ Rows of the table, each with 1 and `--procs` processes:
   decode         images fully decoded, video frames read (PIL / decord)
   decode+resize  the floor: decode, then resize to the tile grid and the thumbnail (no tiles cut, no
                  normalisation, no tokenization)
-  encode         the Encoder as the data check runs it (tiles, normalisation, template, tokenization,
-                 image-token expansion); only sizes come back from the workers
-  lazy samples   the same, whole samples back from the workers: what `data.encode=lazy` costs in training
+  encode         the Encoder as the data check runs it (uint8 tiles, template, tokenization, image-token
+                 expansion; no float normalisation); only sizes come back from the workers
+  lazy samples   whole normalised samples back from the workers: what `data.encode=lazy` costs in training
   datasets       `encode_with_datasets` (`data.encode=datasets`): encode + write the samples to the Arrow cache
   read back      samples read back from that cache (`PreEncodedDataset`): what `data.encode=datasets` costs in
                  training

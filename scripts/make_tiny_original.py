@@ -11,6 +11,8 @@ and (for Phi-3's tokenizer.model) sentencepiece only, so it also runs in an old-
 the official code.
 
 Used by the converter tests and by the golden logits of tests/data/convert_golden.json (scripts/golden/convert.md).
+`make_int8_copy` rewrites a checkpoint with its linear weights as LLM.int8() saves them (the layout of
+InternVL-Chat-V1-5-int8).
 
 Run as:
     python scripts/make_tiny_original.py --family internlm2 --out DIR [--tokenizers ../shared/tokenizers]
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 DEFAULT_TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
 
@@ -519,6 +521,51 @@ def state_dict_digest(ckpt_dir: Path) -> str:
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def is_int8_linear(key: str, tensor: torch.Tensor) -> bool:
+    """The weights bitsandbytes' `load_in_8bit` turns into int8: every nn.Linear (ViT, mlp1, LLM layers); not the
+    embeddings, norms, layer scales, the patch convolution or the LM head."""
+    return tensor.ndim == 2 and (".layers." in key or key.startswith("mlp1."))
+
+
+def int8_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the state as an LLM.int8() save stores it, the float weights that save stands for).
+
+    Each linear weight W becomes `<m>.weight` = round(W * 127 / absmax) as int8, `<m>.SCB` = the row absmax
+    (fp32) and `<m>.weight_format` = 0 (row-major), as bitsandbytes saves InternVL-Chat-V1-5-int8; the float
+    weight it stands for is int8 * SCB / 127 (fp32). Other tensors are kept as they are in both.
+    """
+    saved, dequantised = {}, {}
+    for key, w in state.items():
+        if not is_int8_linear(key, w):
+            saved[key] = dequantised[key] = w
+            continue
+        absmax = w.float().abs().amax(dim=1).clamp(min=1e-8)
+        q = torch.round(w.float() * 127 / absmax[:, None]).to(torch.int8)
+        module = key.removesuffix(".weight")
+        saved |= {key: q, f"{module}.SCB": absmax, f"{module}.weight_format": torch.tensor(0, dtype=torch.uint8)}
+        dequantised[key] = q.float() * (absmax / 127)[:, None]
+    return saved, dequantised
+
+
+def make_int8_copy(src: Path, out_dir: Path) -> Path:
+    """Copy the checkpoint `src` (made by `make_checkpoint`) into `out_dir` with its linear weights saved as
+    LLM.int8() does (`int8_state`) and config.json naming the quantisation; return `out_dir`."""
+    src, out_dir = Path(src), Path(out_dir)
+    weight_map = _json(src / "model.safetensors.index.json")["weight_map"]
+    shards = {name: load_file(str(src / name)) for name in dict.fromkeys(weight_map.values())}
+    state = {key: shards[name][key] for key, name in weight_map.items()}  # the index's (state-dict) order
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith("model"):
+            shutil.copy(f, out_dir / f.name)
+    config = _json(src / "config.json")
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False,
+                                     "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False}
+    _write_json(out_dir / "config.json", config)
+    write_shards(int8_state(state)[0], out_dir)
+    return out_dir
 
 
 # ----------------------------------------------------------------------------------------------- entry points

@@ -19,6 +19,7 @@ from vltrain.check import (
     DataError,
     check_records,
     check_splits,
+    enforce,
     main,
     make_check_encoder,
     render_plain,
@@ -63,6 +64,14 @@ def _corpus_rows():
         ({"query": "q", "response": "<image> here", "images": ["ok.png"]}, "response", "belong in queries"),
         ({"query": "Where?", "response": "left", "history": [["<image>\nWhat?", "a square"]], "images": ["ok.png"]},
          None, ""),
+        # the other two formats: fields named as the row writes them
+        ({"messages": [{"role": "user", "content": "Find <ref-object>"}, {"role": "assistant", "content": "<bbox>"}],
+          "images": ["ok.png"], "objects": [{"caption": "dog", "bbox": [10, 10, 20, 500]}]},
+         "objects[0].bbox", "outside the 600x400 image"),
+        ({"image": "truncated.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                      {"from": "gpt", "value": "Noise."}]}, "image", "truncated"),
+        ({"conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]},
+         "images", "1 <image> tag in the queries but 0 images"),
     ]
 
 
@@ -104,7 +113,28 @@ def test_every_malformed_row_is_reported_on_its_line(corpus):
         assert str(problem).startswith(f"{path}:{line}: {field_name}: ")
     assert not report.ok and report.bad_rows() == {(str(path), line) for line in expected}
     assert report.splits["train"].rows == len(train) and report.splits["train"].failed == len(train) - 3
+    assert len(train) + len(errors) == len(_corpus_rows())
     assert report.splits["train"].over_length == 1
+
+
+def test_skip_keeps_the_good_rows_of_a_compact_json_array(tmp_path):
+    """Rows of `json.dump(rows)` all start on line 1: bad ones are listed one by one and only they are left out."""
+    rows = [{"query": "a", "response": "one"}, {"query": "b", "response": ""}, {"query": "c", "response": "two"},
+            {"query": "<image>", "response": "three"}, {"query": "x " * 600, "response": "long"},
+            {"query": "d", "response": "four"}]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    cfg = compose_config(["dataset=custom", f"dataset.train=[{path}]", "dataset.val_ratio=0", "data.max_length=512"])
+    errors: list[RecordError] = []
+    train, val = load_splits(cfg.dataset, errors=errors)
+    report = check_splits({"train": train, "val": val}, make_check_encoder(cfg), read_errors=errors)
+    assert [str(p).split(": ")[1] for p in report.problems] == ["[1].response", "[3].images", "[4].length"]
+    assert all(str(p).startswith(f"{path}:1: ") for p in report.problems)
+    bad = enforce(report, "skip", tmp_path)
+    assert [r.response for r in train if r.key not in bad] == ["one", "two", "four"]
+    skipped = [json.loads(line) for line in (tmp_path / SKIPPED_ROWS).read_text().splitlines()]
+    assert [(s["line"], s["row"], s["field"]) for s in skipped] == [(1, 2, "[1].response"), (1, 4, "[3].images"),
+                                                                   (1, 5, "[4].length")]
 
 
 @pytest.fixture()

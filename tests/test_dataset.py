@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -21,13 +22,11 @@ from vltrain.data.dataset import (
     PreEncodedDataset,
     encode_with_datasets,
     load_splits,
-    pack_pixels,
     read_spec,
-    unpack_pixels,
 )
 from vltrain.data.encode import Encoder
 from vltrain.data.records import RecordError
-from vltrain.data.tiling import image_to_pixel_values
+from vltrain.data.tiling import IMAGENET_MEAN, IMAGENET_STD, denormalise, normalise
 from vltrain.model.load import EMBEDDED_TOKENIZER
 from vltrain.model.tokenizer import add_internvl_tokens, load_tokenizer
 
@@ -57,6 +56,16 @@ def test_spec_n_below_size_samples_distinct_rows_reproducibly(numbered):
     assert picked == responses(read_spec(f"{numbered}#4", seed=1))
     others = [responses(read_spec(f"{numbered}#4", seed=s)) for s in range(2, 8)]
     assert any(o != picked for o in others)  # the seed matters
+
+
+def test_spec_n_samples_the_same_rows_from_a_relative_or_absolute_path(numbered, monkeypatch):
+    """A run's saved config holds absolute specs (`absolute_spec`); they must select the rows the run used."""
+    monkeypatch.chdir(numbered.parent)
+    relative = responses(read_spec("numbered.jsonl#4", seed=1))
+    assert ds.absolute_spec("numbered.jsonl#4") == f"{numbered}#4"
+    assert responses(read_spec(ds.absolute_spec("numbered.jsonl#4"), seed=1)) == relative
+    for hub_spec in ("coco-en-2-mini", "coco-en-2-mini#100", "HF::coco-en-2-mini#5", "MS::coco-en-2"):
+        assert ds.absolute_spec(hub_spec) == hub_spec
 
 
 def test_spec_n_above_size_repeats_every_row(numbered):
@@ -224,8 +233,8 @@ def test_datasets_encoding_gives_identical_samples(tmp_path, encoder, mixed):
     lazy = EncodedDataset(records, encoder)
     good = [i for i in range(len(records)) if not encoded[i]["error"]]
     assert good == [0, 1, 2, 3, 4]  # the row whose image does not decode failed, with its location
-    source, line, field_name, _ = encoded[5]["error"]
-    assert (Path(source).name, int(line), field_name) == ("mixed.jsonl", 6, "images[0]")
+    error = ds.row_error(encoded[5])
+    assert (Path(error.source).name, error.line, error.row, error.field) == ("mixed.jsonl", 6, 6, "images[0]")
     up_front = PreEncodedDataset(encoded, good)
     for k, i in enumerate(good):
         a, b = lazy[i], up_front[k]
@@ -239,28 +248,66 @@ def test_datasets_encoding_gives_identical_samples(tmp_path, encoder, mixed):
     assert sum(len(t) for t in tiles) == 5 and max(max(t, default=0) for t in tiles) > 1  # multi-tile images too
 
 
-def test_datasets_cache_is_reused_and_keyed_by_media(tmp_path, encoder, mixed):
+def test_datasets_cache_is_reused_and_keyed_by_media(tmp_path, encoder, mixed, monkeypatch):
     records = mixed[:3]
     cache = tmp_path / "cache"
     first = encode_with_datasets(records, encoder, cache)
     assert len(list(cache.iterdir())) == 1
-    start = time.perf_counter()
-    again = encode_with_datasets(records, encoder, cache)
-    assert time.perf_counter() - start < 2 and again[2]["input_ids"] == first[2]["input_ids"]
+    with monkeypatch.context() as patch:
+        patch.setattr(ds, "encode_row", lambda *a: pytest.fail("encoded again"))
+        again = encode_with_datasets(records, encoder, cache)
+    assert again[2]["input_ids"] == first[2]["input_ids"]
     assert len(list(cache.iterdir())) == 1
+    # Another encoder setting is another entry.
+    other = Encoder(encoder.tokenizer, "Hermes-2", None, max_tiles=2, max_length=4096, image_tokens_per_tile=4)
+    with monkeypatch.context() as patch:
+        patch.setattr(ds, "encode_row", lambda *a: pytest.fail("encoded again"))
+        with pytest.raises(pytest.fail.Exception, match="encoded again"):
+            encode_with_datasets(records, other, cache)
+    assert len(list(cache.iterdir())) == 1  # the failed encoding left nothing behind
     # Rewriting an image changes the fingerprint: encoded again, into a second entry.
     Image.new("RGB", (448, 448), (0, 200, 0)).save(Path(records[1].images[0]))
     encode_with_datasets(records, encoder, cache)
     assert len(list(cache.iterdir())) == 2
 
 
-def test_pixels_are_stored_as_uint8_when_exact_else_float32(tmp_path):
-    image = Image.effect_noise((700, 300), 50).convert("RGB")
-    tiles = image_to_pixel_values(image, max_tiles=4)
-    data, dtype, shape = pack_pixels(tiles)
-    assert dtype == "uint8" and len(data) == tiles.numel()
-    assert torch.equal(unpack_pixels(data, dtype, shape), tiles)
-    odd = torch.randn(2, 3, 8, 8)
-    data, dtype, shape = pack_pixels(odd)
-    assert dtype == "float32" and torch.equal(unpack_pixels(data, dtype, shape), odd)
-    assert pack_pixels(None) == (b"", "", []) and unpack_pixels(b"", "", []) is None
+def test_stored_uint8_tiles_give_the_same_floats(tmp_path, encoder, mixed):
+    """The cache keeps tiles as uint8 (4x smaller than float32) and normalises them on reading with the lazy
+    path's function; numpy's float cast in that function gives the bits of torch's (every uint8 value checked)."""
+    every_value = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16).repeat(3, axis=1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    as_torch = torch.from_numpy(every_value).to(torch.float32).div_(255.0).sub_(mean).div_(std)  # ToTensor+Normalize
+    assert torch.equal(normalise(every_value), as_torch)
+    assert np.array_equal(denormalise(normalise(every_value)), every_value)
+
+    encoded = encode_with_datasets(mixed[1:3], encoder, tmp_path / "cache")
+    for record, row in zip(mixed[1:3], encoded):
+        floats = encoder(record).pixel_values
+        assert len(row["pixels"]) == floats.numel()  # one byte per value
+        assert row["pixel_shape"] == list(floats.shape)
+        raw = encoder(record, normalise=False).pixel_values
+        assert raw.dtype == torch.uint8 and torch.equal(normalise(raw.numpy()), floats)
+
+
+def test_spec_whose_rows_are_all_bad(tmp_path, caplog):
+    """`path#N` with every row bad: with an errors list every row is reported and the spec gives no row (a
+    warning says so); without, the first bad row is the error."""
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"query": "q", "response": ""}, {"query": 1, "response": "a"}])
+    errors: list[RecordError] = []
+    with caplog.at_level("WARNING", logger="vltrain.data.dataset"):
+        assert read_spec(f"{bad}#5", seed=0, errors=errors) == []
+    assert [(e.line, e.field) for e in errors] == [(1, "response"), (2, "query")]
+    assert "none of the rows of" in caplog.text and "#5" in caplog.text
+    with pytest.raises(ConfigError, match=r"bad\.jsonl:1: response: empty response"):
+        read_spec(f"{bad}#5", seed=0)
+    with pytest.raises(ConfigError, match="#0 selects no rows"):
+        read_spec(f"{bad}#0", seed=0)
+
+
+def test_held_out_rows_are_never_trained_when_repeated(numbered):
+    """`#N` repeats rows; the held-out split takes distinct rows, every copy on the same side."""
+    train, val = load_splits(DatasetConfig(train=[f"{numbered}#30"], val_ratio=0.2, seed=3))
+    assert len(val) == 2 and len({r.key for r in val}) == 2  # 20% of the 10 distinct rows, once each
+    assert not {r.key for r in val} & {r.key for r in train}
+    assert len(train) == 24  # the 8 other rows, 3 copies each
+    assert load_splits(DatasetConfig(train=[f"{numbered}#30"], val_ratio=0.2, seed=3))[1] == val

@@ -210,7 +210,8 @@ def test_merged_block_matches_the_v1_5_model_card_text(shared_tokenizers, media,
 
 
 @pytest.mark.parametrize("record_args,where", [
-    ({"query": "<image>\nand\n<image>\nQ"}, r"query: text between <image> tags"),
+    ({"query": "<image>\nand\n<image>\nQ"}, r"query: text between <image> tags: "),
+    ({"query": "Q <image>"}, r"query: text between <image> tags \(1 untagged image\(s\) placed at the start of "),
     ({"query": "<image>\nQ2", "history": [("<image>\nQ1", "A1")]},
      r"query: <image> tags in more than one round \(history\[0\]\[0\], query\)"),
     ({"query": "then <image>", "history": [("Q1", "A1")]}, r"query: <image> tags in more than one round"),
@@ -311,10 +312,10 @@ def test_from_config_carries_every_option(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("make,where", [
-    (lambda m: rec("<image> and <image>", images=[m["square"]]), r"images: 1 images but 2 <image> tags"),
-    (lambda m: rec("<video>\nQ"), r"videos: 0 videos but 1 <video> tags"),
-    (lambda m: rec("q", "<image>"), r"response: <image> tags belong in queries"),
-    (lambda m: rec("q", history=[("q0", "see <video>")]), r"history\[0\]\[1\]: <video> tags belong in queries"),
+    (lambda m: rec("<image> and <image>", images=[m["square"]]), r"images: 2 <image> tags in the queries but 1 image$"),
+    (lambda m: rec("<video>\nQ"), r"videos: 1 <video> tag in the queries but 0 videos$"),
+    (lambda m: rec("q", "<image>"), r"response: <image> in responses: media tags belong in queries"),
+    (lambda m: rec("q", history=[("q0", "see <video>")]), r"history\[0\]\[1\]: <video> in responses"),
     (lambda m: rec(f"q {CTX}"), r"query: <IMG_CONTEXT> is reserved"),
     (lambda m: rec("q", history=[(f"{CTX}", "a")]), r"history\[0\]\[0\]: <IMG_CONTEXT> is reserved"),
     (lambda m: rec("q", images=[m["square"], m["missing"]]), r"images\[1\]: .*missing\.png: file not found"),
@@ -366,3 +367,48 @@ def test_rows_of_every_kind_encode_from_a_file(tokenizer, media, tmp_path):
     sample = encoder(video)
     assert f"user\n{frame_lines(2)}\nWhat happens?<|im_end|>" in shown(tokenizer, sample.input_ids)
     assert sample.tiles_per_image == [1, 1]
+
+
+def test_errors_name_the_fields_as_the_row_writes_them(tokenizer, media, tmp_path):
+    """Problems found at encoding name `messages[k].content`, `conversations[k].value`, `image`, ... not the
+    ms-swift fields the encoder works with; rows of a compact .json array add their index in the array."""
+    rows = [
+        {"messages": [{"role": "user", "content": "Find <ref-object> and <ref-object>"},
+                      {"role": "assistant", "content": "<bbox>"}],
+         "images": [media["square"]], "objects": [{"caption": "c", "bbox": [0, 0, 10, 10]}]},
+        {"image": media["broken"], "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                     {"from": "gpt", "value": "Red."}]},
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "yo"}, {"role": "user", "content": f"<img>{media['broken']}</img>"},
+                      {"role": "assistant", "content": "ok"}]},
+        {"conversations": [{"from": "human", "value": f"q {CTX}"}, {"from": "gpt", "value": "a"}]},
+    ]
+    expected = ["messages[0].content: <ref-object> #2 has no object", "image: ", "messages[3].content: ",
+                "conversations[0].value: <IMG_CONTEXT> is reserved"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    encoder = Encoder(tokenizer, "Hermes-2", system="", max_tiles=1, max_length=4096)
+    for line, (record, where) in enumerate(zip(read_records(tmp_path / "d.jsonl"), expected), start=1):
+        with pytest.raises(RecordError) as e:
+            encoder(record)
+        assert str(e.value).startswith(f"{tmp_path / 'd.jsonl'}:{line}: {where}"), str(e.value)
+        assert e.value.row == line
+
+    # V1.5: the rounds named in the message are the row's own turns.
+    merged = Encoder(tokenizer, "Hermes-2", system="", max_tiles=1, max_length=4096, merge_image_blocks=True)
+    two_rounds = {"messages": [{"role": "user", "content": "<image>\nA?"}, {"role": "assistant", "content": "a"},
+                               {"role": "user", "content": "<image>\nB?"}, {"role": "assistant", "content": "b"}],
+                  "images": [media["square"]] * 2}
+    (tmp_path / "m.jsonl").write_text(json.dumps(two_rounds) + "\n", encoding="utf-8")
+    with pytest.raises(RecordError, match=re.escape("m.jsonl:1: messages[2].content: <image> tags in more than one "
+                                                    "round (messages[0].content, messages[2].content)")):
+        merged(read_records(tmp_path / "m.jsonl")[0])
+
+    # A compact .json array: every row on line 1, told apart by its index.
+    (tmp_path / "d.json").write_text(json.dumps([{"query": "q", "response": "a"}, rows[1], rows[0]]),
+                                     encoding="utf-8")
+    _, official, messages = read_records(tmp_path / "d.json")
+    with pytest.raises(RecordError, match=re.escape("d.json:1: [1].image: ")):
+        encoder(official)
+    with pytest.raises(RecordError, match=re.escape("d.json:1: [2].messages[0].content: <ref-object> #2")):
+        encoder(messages)
+    assert (official.row, messages.row) == (2, 3)

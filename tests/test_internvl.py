@@ -18,6 +18,7 @@ from vltrain.model.internvl import (
     model_class,
     set_drop_path,
 )
+from vltrain.train import trainer as trainer_module
 from vltrain.train.trainer import VLTrainer
 
 IMAGE = 112  # 8 x 8 patches of 14 px -> a 4 x 4 token grid per tile after the pixel shuffle
@@ -161,6 +162,12 @@ def test_drop_path_rate_zero_leaves_the_model_untouched():
 # ---- dummy image on text-only batches ---------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def no_zero3(monkeypatch):
+    """ZeRO-3 off unless a test turns it on (the flag is process-global in transformers)."""
+    monkeypatch.setattr(trainer_module, "is_deepspeed_zero3_enabled", lambda: False)
+
+
 def make_trainer(model, tmp_path) -> VLTrainer:
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=2)
     return VLTrainer(model=model, args=args, encoder=None, answer_set=[])
@@ -173,28 +180,87 @@ def text_batch() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "tiles_per_sample": torch.tensor([0, 0])}
 
 
+def image_batch() -> dict[str, torch.Tensor]:
+    ids = torch.tensor([[1, 7] + [5] * GRID * GRID + [9, 2]])
+    return {"input_ids": ids, "labels": ids.masked_fill(ids == 5, -100), "pixel_values": tiles(1)}
+
+
 def count_vision_calls(model) -> list[int]:
     calls = [0]
     model.model.vision_tower.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
     return calls
 
 
+def plain_loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = model(**{k: v for k, v in batch.items() if k != "tiles_per_sample"}).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return loss.detach(), grads
+
+
 def test_text_only_batch_runs_the_trainable_vision_side_with_zero_gradient(tmp_path):
     model = build().train()
     trainer = make_trainer(model, tmp_path)
-    calls = count_vision_calls(model)
     batch = text_batch()
-    with torch.no_grad():
-        expected = model(**{k: v for k, v in batch.items() if k != "tiles_per_sample"}).loss
+    expected_loss, expected_grads = plain_loss_and_grads(model, batch)
+    assert expected_grads and not any("vision_tower" in n or "multi_modal_projector" in n for n in expected_grads)
+    calls = count_vision_calls(model)
     loss = trainer.compute_loss(model, batch)
     assert calls[0] == 1
-    assert loss.item() == expected.item()
+    assert torch.equal(loss, expected_loss)
     loss.backward()
     for name, p in model.named_parameters():
         if "vision_tower" in name or "multi_modal_projector" in name:
             assert p.grad is not None, name
             assert torch.count_nonzero(p.grad) == 0, name
-    assert model.lm_head.weight.grad.abs().sum() > 0
+        else:  # the language side learns exactly what it learns without the dummy
+            assert torch.equal(p.grad, expected_grads[name]), name
+
+
+def test_dummy_cannot_change_the_loss_even_when_the_features_overflow(tmp_path):
+    """0 x inf would be NaN: fp16 features of a broken or saturated projector must not reach the loss."""
+    model = build().train()
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear_2.bias.fill_(float("inf"))
+    trainer = make_trainer(model, tmp_path)
+    expected_loss, expected_grads = plain_loss_and_grads(model, text_batch())
+    loss = trainer.compute_loss(model, text_batch())
+    assert torch.isfinite(loss) and torch.equal(loss, expected_loss)
+    loss.backward()
+    assert torch.equal(model.lm_head.weight.grad, expected_grads["lm_head.weight"])
+
+
+def call_order(model, run) -> list[str]:
+    """The order in which the parts of the model run forward, then get their parameter gradients, in `run()`
+    (ZeRO-3 gathers parameters in forward order and reduces gradients as they are accumulated)."""
+    parts = {"embed": model.get_input_embeddings(), "vision": model.model.vision_tower.embeddings.patch_embeddings,
+             "projector": model.model.multi_modal_projector.linear_1, "decoder": model.model.language_model.layers[0],
+             "lm_head": model.lm_head}
+    order, handles = [], []
+    for name, module in parts.items():
+        handles.append(module.register_forward_pre_hook(lambda *a, name=name: order.append(f"forward {name}")))
+        handles.append(next(module.parameters()).register_post_accumulate_grad_hook(
+            lambda *a, name=name: order.append(f"gradient {name}")))
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def test_dummy_runs_the_vision_side_where_an_image_batch_runs_it(tmp_path):
+    """A text-only rank calls the same modules in the same order as a rank with images, forward and backward."""
+    model = build().train()
+    trainer = make_trainer(model, tmp_path)
+    with_images = call_order(model, lambda: model(**image_batch()).loss.backward())
+    text_only = call_order(model, lambda: trainer.compute_loss(model, text_batch()).backward())
+    assert with_images[:5] == ["forward embed", "forward vision", "forward projector", "forward decoder",
+                               "forward lm_head"]
+    assert len(with_images) == 10
+    assert text_only == with_images
 
 
 def test_no_dummy_when_the_vision_side_is_frozen_or_in_eval(tmp_path):
@@ -213,6 +279,24 @@ def test_no_dummy_when_the_vision_side_is_frozen_or_in_eval(tmp_path):
     with torch.no_grad():
         trainer.compute_loss(model, text_batch())
     assert calls[0] == 0
+    trainer.compute_loss(model, image_batch())
+    assert calls[0] == 1  # the real image, no dummy on top
+
+
+def test_zero3_runs_the_dummy_frozen_or_not_in_training_and_in_eval(tmp_path, monkeypatch):
+    """Frozen parameters are partitioned too: a rank that skips the vision tower leaves the others waiting."""
+    monkeypatch.setattr(trainer_module, "is_deepspeed_zero3_enabled", lambda: True)
+    model = build().train()
+    for name, p in model.named_parameters():
+        p.requires_grad_("language_model" in name or "lm_head" in name)
+    trainer = make_trainer(model, tmp_path)
+    calls = count_vision_calls(model)
+    trainer.compute_loss(model, text_batch()).backward()
+    assert calls[0] == 1
+    model.eval()
+    with torch.no_grad():
+        trainer.compute_loss(model, text_batch())
+    assert calls[0] == 2
 
 
 def test_dummy_runs_under_lora_when_the_projector_has_adapters(tmp_path):

@@ -256,23 +256,82 @@ def _make_tiny_original():
     return sys.modules["make_tiny_original"]
 
 
-@pytest.mark.parametrize("family,template,image_token_id,v1", [("internlm2", "internlm2-chat", 92546, False),
-                                                                ("internlm2-vit6b-ps1", "internlm2-chat", 92546, True),
-                                                                ("qwen2", "Hermes-2", 151648, False)])
-def test_original_layout_folder(family, template, image_token_id, v1, shared_tokenizers, tmp_path):
+@pytest.mark.parametrize("family,template,image_token_id,v1,eos", [
+    ("internlm2", "internlm2-chat", 92546, False, 92542),  # <|im_end|>
+    ("internlm2-vit6b-ps1", "internlm2-chat", 92546, True, 92542),
+    ("qwen2", "Hermes-2", 151648, False, 151645),
+    ("llama", "internlm2-chat", 128258, False, 128001),  # base Llama-3 has no <|im_end|>: its EOS <|end_of_text|>
+])
+def test_original_layout_folder(family, template, image_token_id, v1, eos, shared_tokenizers, tmp_path):
     from vltrain.model.convert import load_original
 
     folder = _make_tiny_original().make_checkpoint(family, tmp_path / family, shared_tokenizers)
-    assert not (folder / "tokenizer.json").exists() or family == "qwen2"
+    assert not (folder / "tokenizer.json").exists() or family in ("qwen2", "llama")
     cfg = tiny(init="pretrained", path=str(folder), template=template)
     model, tokenizer = load_model_tokenizer(cfg, torch.float32)
     assert isinstance(model, InternVLPsV1ForConditionalGeneration) is v1
     assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>") == image_token_id
+    assert model.generation_config.eos_token_id == eos
     assert same_weights(model, load_original(folder, tokenizer, torch.float32))
     original = json.loads((folder / "config.json").read_text())
     expected_tile = original.get("force_image_size") or original["vision_config"]["image_size"]
     assert model_geometry(cfg) == (expected_tile, model.config.image_seq_length)
     assert model.config.vision_config.image_size[0] == expected_tile
+
+
+@needs_bitsandbytes
+def test_original_int8_checkpoint_loads_in_8bit_with_lora_on_top(shared_tokenizers, tmp_path):
+    """InternVL-Chat-V1-5-int8's layout (int8 weights + SCB): dequantised while converting, then quantised again by
+    `model.load_in_8bit` to the very int8 values stored (InternLM2's wqkv rows regrouped into q/k/v); LoRA trains."""
+    from safetensors.torch import load_file
+
+    from vltrain.config import SftConfig
+    from vltrain.model.convert import split_grouped_qkv
+    from vltrain.model.tuning import apply_sft
+
+    maker = _make_tiny_original()
+    folder = maker.make_int8_copy(maker.make_checkpoint("internlm2-vit6b-ps1", tmp_path / "src", shared_tokenizers),
+                                  tmp_path / "int8")
+    stored = {}
+    for shard in folder.glob("model-*.safetensors"):
+        stored |= load_file(shard)
+    cfg = tiny(init="pretrained", path=str(folder), template="internlm2-chat", load_in_8bit=True)
+    model, _ = load_model_tokenizer(cfg, torch.float32)
+    assert isinstance(model, InternVLPsV1ForConditionalGeneration)
+    layers = _int8_layers(model)
+    skipped = {n for n in layers if any(n == p or n.startswith(p + ".") for p in INT8_SKIP_MODULES)}
+    assert skipped and not any(layers[n] for n in skipped)
+    assert all(layers[n] for n in layers if n not in skipped)
+
+    llm = json.loads((folder / "config.json").read_text())["llm_config"]
+    heads, kv = llm["num_attention_heads"], llm["num_key_value_heads"]
+    head_dim = llm["hidden_size"] // heads
+    for i, layer in enumerate(model.model.language_model.layers):
+        original = f"language_model.model.layers.{i}."
+        wqkv, scb = stored[original + "attention.wqkv.weight"], stored[original + "attention.wqkv.SCB"]
+        assert wqkv.dtype == torch.int8
+        for proj, q, s in zip((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+                              split_grouped_qkv(wqkv, heads, kv, head_dim),
+                              split_grouped_qkv(scb, heads, kv, head_dim)):
+            assert proj.weight.dtype == torch.int8 and torch.equal(proj.weight.data, q)
+            torch.testing.assert_close(proj.weight.SCB, s, rtol=1e-3, atol=0)  # bitsandbytes keeps it in fp16
+        assert torch.equal(layer.mlp.down_proj.weight.data, stored[original + "feed_forward.w2.weight"])
+
+    peft_model = apply_sft(model, SftConfig())
+    tile, per_tile = model_geometry(cfg)
+    image_id = model.config.image_token_id
+    ids = torch.tensor([[1, 2] + [image_id] * per_tile + [3, 4, 5]])
+    lora = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in n for n in lora)
+    before = {n: p.detach().clone() for n, p in lora.items()}
+    peft_model.train()
+    loss = peft_model(input_ids=ids, pixel_values=torch.randn(1, 3, tile, tile),
+                      labels=ids.masked_fill(ids == image_id, -100)).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    torch.optim.SGD(lora.values(), lr=1e-2).step()
+    moved = {n for n, p in lora.items() if not torch.equal(before[n], p)}
+    assert moved == {n for n in lora if "lora_B" in n}  # lora_B starts at zero: only B moves in the first step
 
 
 # ---- hub ids -------------------------------------------------------------------------------------------------

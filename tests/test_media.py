@@ -213,7 +213,6 @@ def test_media_kind(tmp_path):
 
 
 def test_files(tmp_path):
-    (tmp_path / "rgba.png").write_bytes(b"")
     Image.new("RGBA", (8, 8), (1, 2, 3, 0)).save(tmp_path / "rgba.png")
     Image.new("L", (8, 8), 77).save(tmp_path / "grey.png")
     Image.new("P", (8, 8), 5).save(tmp_path / "palette.gif")
@@ -348,6 +347,15 @@ def test_video_url(server, options, video):
         frames = load_video_frames(server.url("/clip.mp4"), 4)
         assert [frame_index(f) for f in frames] == frame_indices(40, 4)
     assert server.counts["/clip.mp4"] == 1
+
+
+def test_video_url_that_is_not_a_video_is_not_kept(server, options):
+    server.routes["/page.mp4"] = lambda h, n: send(h, b"<html>login</html>" * 20, content_type="text/html")
+    url = server.url("/page.mp4")
+    for attempt in (1, 2):
+        with pytest.raises(MediaError, match=r"/page\.mp4: cannot read the video.*removed from the cache"):
+            load_video_frames(url, 4, options)
+        assert not cache_path(url, options).exists() and server.counts["/page.mp4"] == attempt
 
 
 def test_options_from_config(tmp_path):

@@ -44,7 +44,7 @@ def png_base64() -> str:
 
 
 def same(a: Record, b: Record) -> bool:
-    return replace(a, source="", line=0) == replace(b, source="", line=0)
+    return replace(a, source="", line=0, row=0) == replace(b, source="", line=0, row=0)
 
 
 # ---------------------------------------------------------------- formats
@@ -140,6 +140,34 @@ def test_json_array_lines(data):
     path.write_text("[]")
     with pytest.raises(RecordError, match=r"d\.json:0: file: no rows"):
         read_records(path)
+
+
+def test_compact_json_array_rows_are_told_apart(tmp_path):
+    """json.dump(rows) puts every row on line 1: each row keeps its own position (`row`), and its problems name
+    the element (`[k].field`) so that two bad rows on one line are two problems."""
+    rows = [{"query": "a", "response": "b"}, {"query": "a", "response": ""}, {"query": "c", "response": "d"},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 3}]}]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows))
+    errors: list[RecordError] = []
+    records = read_records(path, errors)
+    assert [(r.line, r.row, r.response) for r in records] == [(1, 1, "b"), (1, 3, "d")]
+    assert [(e.line, e.row, e.field) for e in errors] == [(1, 2, "[1].response"), (1, 4, "[3].messages[1].content")]
+    assert str(errors[0]).startswith(f"{path}:1: [1].response: empty response")
+    assert len({r.key for r in records} | {e.key for e in errors}) == 4
+    assert records[1].error("images[0]", "x").field == "[2].images[0]"
+    # An indented array: one row per line, no index needed.
+    path.write_text(json.dumps(rows, indent=1))
+    errors = []
+    read_records(path, errors)
+    assert [e.field for e in errors] == ["response", "messages[1].content"]
+
+
+def test_errors_pickle_with_their_row():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(RecordError("d.json", 1, "[2].query", "bad", row=3)))
+    assert (str(error), error.row, error.key) == ("d.json:1: [2].query: bad", 3, ("d.json", 3))
 
 
 @pytest.mark.parametrize("text,where", [

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from vltrain.config import ConfigError, TrainConfig, _build, validate
-from vltrain.data.dataset import parallel_map, try_encode
+from vltrain.data.dataset import parallel_map, row_error, try_encode
 from vltrain.data.encode import IGNORE_INDEX, Encoder
 from vltrain.data.records import Record, RecordError
-from vltrain.data.tiling import IMAGENET_MEAN, IMAGENET_STD
+from vltrain.data.tiling import denormalise
 from vltrain.model.tokenizer import IMAGE_CONTEXT_TOKEN
 
 log = logging.getLogger(__name__)
@@ -50,15 +50,14 @@ class Outcome:
     tokens: int = 0
     trained: int = 0
     tiles_per_image: list[int] = field(default_factory=list)
-    error: tuple[str, int, str, str] | None = None
-    """(source, line, field, message), as `vltrain.data.dataset.try_encode` gives it."""
+    error: RecordError | None = None
     input_ids: list[int] | None = None
     labels: list[int] | None = None
 
 
 def encode_outcome(encoder: Encoder, record: Record, keep_ids: bool = False) -> Outcome:
     """Encode one record and keep only its sizes (and ids when `keep_ids`), or its problem."""
-    sample, error = try_encode(encoder, record)
+    sample, error = try_encode(encoder, record, normalise=False)  # the pixels are dropped: skip the float math
     if sample is None:
         return Outcome(error=error)
     labels = sample.labels
@@ -79,9 +78,9 @@ def iter_outcomes(records: list[Record], encoder: Encoder, num_proc: int = 1,
 
 def outcome_from_encoded_row(row: dict) -> Outcome:
     """The Outcome of one row of `vltrain.data.dataset.encode_with_datasets`."""
-    if row["error"]:
-        source, line, name, message = row["error"]
-        return Outcome(error=(source, int(line), name, message))
+    error = row_error(row)
+    if error is not None:
+        return Outcome(error=error)
     labels = row["labels"]
     return Outcome(tokens=len(row["input_ids"]), trained=sum(1 for t in labels if t != IGNORE_INDEX),
                    tiles_per_image=list(row["tiles_per_image"]))
@@ -119,8 +118,8 @@ class CheckReport:
         return not self.problems
 
     def bad_rows(self) -> set[tuple[str, int]]:
-        """(source, line) of every row with a problem."""
-        return {(p.source, p.line) for p in self.problems}
+        """`Record.key` of every row with a problem."""
+        return {p.key for p in self.problems}
 
     def format(self, problems: bool = True) -> str:
         """The summary table, then every problem (or only their count with `problems=False`)."""
@@ -167,7 +166,7 @@ def check_splits(splits: dict[str, list[Record]], encoder: Encoder, num_proc: in
     """
     problems: dict[tuple[str, int], RecordError] = {}
     for e in read_errors:
-        problems.setdefault((e.source, e.line), e)
+        problems.setdefault(e.key, e)
     unique: dict[int, Record] = {}
     for records in splits.values():
         for r in records:
@@ -183,12 +182,11 @@ def check_splits(splits: dict[str, list[Record]], encoder: Encoder, num_proc: in
             outcome = outcomes[id(record)]
             stats.rows += 1
             stats.images += len(record.images)
-            stats.videos += len(getattr(record, "videos", ()))
+            stats.videos += len(record.videos)
             if outcome.error:
                 stats.failed += 1
-                source, line, field_name, message = outcome.error
-                stats.over_length += field_name == "length"
-                problems.setdefault((source, line), RecordError(source, line, field_name, message))
+                stats.over_length += outcome.error.field.endswith("length")
+                problems.setdefault(outcome.error.key, outcome.error)
             else:
                 stats.tiles.append(sum(outcome.tiles_per_image))
                 stats.tokens.append(outcome.tokens)
@@ -196,7 +194,7 @@ def check_splits(splits: dict[str, list[Record]], encoder: Encoder, num_proc: in
             if on_outcome is not None and id(record) not in seen:
                 seen.add(id(record))
                 on_outcome(name, record, outcome)
-    report.problems = sorted(problems.values(), key=lambda p: (p.source, p.line))
+    report.problems = sorted(problems.values(), key=lambda p: p.key)
     return report
 
 
@@ -207,7 +205,7 @@ def check_records(records: list[Record], encoder: Encoder, num_proc: int = 1) ->
 
 def enforce(report: CheckReport, on_error: str, run_dir: Path | None = None) -> set[tuple[str, int]]:
     """Apply `data.on_error`: `raise` -> DataError listing every problem; `skip` -> log and write the rows left
-    out (`skipped_rows.jsonl` in `run_dir`) and return their (source, line) for the caller to drop."""
+    out (`skipped_rows.jsonl` in `run_dir`) and return their `Record.key` for the caller to drop."""
     if report.ok:
         return set()
     listing = "\n".join(f"  {p}" for p in report.problems)
@@ -219,8 +217,8 @@ def enforce(report: CheckReport, on_error: str, run_dir: Path | None = None) -> 
     if run_dir is not None:
         with (Path(run_dir) / SKIPPED_ROWS).open("w", encoding="utf-8") as f:
             for p in report.problems:
-                f.write(json.dumps({"source": p.source, "line": p.line, "field": p.field, "message": p.message},
-                                   ensure_ascii=False) + "\n")
+                f.write(json.dumps({"source": p.source, "line": p.line, "row": p.row, "field": p.field,
+                                    "message": p.message}, ensure_ascii=False) + "\n")
     return report.bad_rows()
 
 
@@ -293,9 +291,8 @@ def _first_samples(splits, encoder, count):
         for record in records:
             if count <= 0:
                 return
-            try:
-                sample = encoder(record)
-            except RecordError:
+            sample, error = try_encode(encoder, record)
+            if error is not None:
                 continue  # already listed among the problems
             count -= 1
             yield name, record, sample
@@ -305,16 +302,14 @@ def tiles_grid(pixel_values: torch.Tensor):
     """(T, 3, S, S) normalised tiles -> one PIL image: tiles row-major in a near-square grid, 4 px white gaps."""
     from PIL import Image
 
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    pixels = (pixel_values.float() * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
+    pixels = denormalise(pixel_values)  # (T, 3, S, S) uint8
     n, _, size, _ = pixels.shape
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     gap = 4
     canvas = Image.new("RGB", (cols * size + (cols - 1) * gap, rows * size + (rows - 1) * gap), "white")
     for k in range(n):
-        tile = Image.fromarray(pixels[k].permute(1, 2, 0).numpy())
+        tile = Image.fromarray(pixels[k].transpose(1, 2, 0))
         canvas.paste(tile, ((k % cols) * (size + gap), (k // cols) * (size + gap)))
     return canvas
 
@@ -328,6 +323,8 @@ def save_tiles(splits: dict[str, list[Record]], encoder: Encoder, folder: Path, 
         if sample.pixel_values is None:
             continue
         stem = f"{name}-{Path(record.source).stem}-line{record.line}"
+        if record.row and record.row != record.line:  # rows sharing a line (a compact .json array)
+            stem += f"-row{record.row}"
         for i, chunk in enumerate(torch.split(sample.pixel_values, sample.tiles_per_image)):
             tiles_grid(chunk).save(folder / f"{stem}-image{i}.png")
             written += 1
@@ -342,7 +339,8 @@ class CheckOptions:
     show: int = 0
     """Print the first N samples with trained tokens marked."""
     dump: str | None = None
-    """JSONL file receiving `source`, `line`, `split`, `input_ids`, `labels`, `tiles_per_image` of every sample."""
+    """JSONL file receiving `source`, `line`, `row`, `split`, `input_ids`, `labels`, `tiles_per_image` of every
+    sample."""
     tiles_png: str | None = None
     """Folder receiving one PNG grid of tiles per image: of the first `show` records, or of all when show=0."""
 
@@ -388,7 +386,7 @@ def run_check(cfg: TrainConfig, options: CheckOptions) -> CheckReport:
     try:
         def write(split: str, record: Record, outcome: Outcome) -> None:
             if dump is not None and outcome.error is None:
-                dump.write(json.dumps({"source": record.source, "line": record.line, "split": split,
+                dump.write(json.dumps({"source": record.source, "line": record.line, "row": record.row, "split": split,
                                        "input_ids": outcome.input_ids, "labels": outcome.labels,
                                        "tiles_per_image": outcome.tiles_per_image}) + "\n")
 

@@ -6,7 +6,8 @@ Run as:
 
 Keys and defaults: vltrain/conf/convert.yaml. The output loads with plain transformers
 (`InternVLForConditionalGeneration.from_pretrained(dst)`, `AutoTokenizer.from_pretrained(dst)`), except that a
-`ps_version: v1` checkpoint must be loaded through vltrain (see vltrain.model.convert).
+`ps_version: v1` checkpoint must be loaded through vltrain, and a `phi3-chat` one's tokenizer too for the ids the
+official training used (see vltrain.model.convert).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ Samples reach the Trainer one of two ways (`data.encode`), giving identical tens
   - `datasets`: `encode_with_datasets` encodes every record up front (`num_proc` processes) into an Arrow file
     opened as an HF `datasets.Dataset` (memory-mapped), cached on disk under a fingerprint of the records, their
     media files, the encoder's settings and the encoding code; `PreEncodedDataset` reads samples back from it.
-    Tiles are stored as the uint8 pixels they were normalised from (`pack_pixels`), so 0.6 MB per 448 px tile.
+    Tiles are stored as their uint8 pixels (0.6 MB per 448 px tile) and normalised when read, by the function the
+    lazy path uses (`vltrain.data.tiling.normalise`), so the floats are the same bits.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -42,7 +44,9 @@ from torch.utils.data import DataLoader, Dataset
 from vltrain.config import ConfigError, DatasetConfig
 from vltrain.data.encode import Encoder, Sample
 from vltrain.data.records import Record, RecordError, read_records
-from vltrain.data.tiling import IMAGENET_MEAN, IMAGENET_STD
+from vltrain.data.tiling import normalise
+
+log = logging.getLogger(__name__)
 
 _SPEC = re.compile(r"^(?:(?P<hub>HF|MS)::)?(?P<name>.+?)(?:#(?P<n>\d+))?$")
 DEFAULT_CACHE = Path("~/.cache/vltrain/datasets")
@@ -210,33 +214,53 @@ def sample_indices(size: int, n: int, rng: random.Random) -> list[int]:
 
 def read_spec(spec: str, seed: int, errors: list[RecordError] | None = None,
               cache_dir: Path = DEFAULT_CACHE, key: str = "dataset.train") -> list[Record]:
-    """Rows of one spec (`path[#N]` or a hub name). With `errors`, bad rows are collected there and left out."""
+    """Rows of one spec (`path[#N]` or a hub name). With `errors`, bad rows are collected there and left out (`#N`
+    then samples among the rows that parsed)."""
     match = _SPEC.match(spec)
     name, hub = match["name"], match["hub"]
     n = None if match["n"] is None else int(match["n"])
-    if hub or (name in HUB_DATASETS and not Path(name).exists()):
+    if n == 0:
+        raise ConfigError(f"{key}: '{spec}': #0 selects no rows")
+    if _is_hub_spec(name, hub):
         if name not in HUB_DATASETS:
             raise ConfigError(f"{key}: '{spec}': unknown hub dataset (known: {', '.join(HUB_DATASETS)})")
         try:
             path = hub_spec_file(name, hub, n, seed, Path(cache_dir))
         except HubUnavailable as e:
             raise HubUnavailable(f"{key}: {e}") from None
-        return _read(path, errors, key)  # already sampled
+        return _read(path, errors, key, spec)  # already sampled
     path = Path(name)
     if not path.is_file():
         known = f"; known dataset names: {', '.join(HUB_DATASETS)}" if "/" not in name else ""
         raise ConfigError(f"{key}: '{spec}': dataset file not found{known}")
-    records = _read(path, errors, key)
+    records = _read(path, errors, key, spec)
     if n is None:
         return records
-    return [records[i] for i in sample_indices(len(records), n, random.Random(f"{seed}:{spec}"))]
+    # Seeded by the file's name, not the spec as written: the same rows whether the path is relative or absolute
+    # (a run's saved config holds absolute paths).
+    return [records[i] for i in sample_indices(len(records), n, random.Random(f"{seed}:{path.name}#{n}"))]
 
 
-def _read(path: Path, errors: list[RecordError] | None, key: str) -> list[Record]:
+def _is_hub_spec(name: str, hub: str | None) -> bool:
+    return bool(hub) or (name in HUB_DATASETS and not Path(name).exists())
+
+
+def absolute_spec(spec: str) -> str:
+    """`spec` with its file path made absolute (a hub name stays as it is), for a config usable from any folder."""
+    match = _SPEC.match(spec)
+    if _is_hub_spec(match["name"], match["hub"]):
+        return spec
+    return str(Path(match["name"]).resolve()) + ("" if match["n"] is None else f"#{match['n']}")
+
+
+def _read(path: Path, errors: list[RecordError] | None, key: str, spec: str) -> list[Record]:
     try:
-        return read_records(path, errors)
+        records = read_records(path, errors)
     except RecordError as e:  # the file itself (or, without `errors`, its first bad row): nothing to train on
         raise ConfigError(f"{key}: {e}") from None
+    if not records:  # only with `errors`: every row is listed there
+        log.warning("%s: '%s': none of the rows of %s could be read; it contributes no rows", key, spec, path)
+    return records
 
 
 def load_splits(cfg: DatasetConfig, errors: list[RecordError] | None = None,
@@ -244,7 +268,8 @@ def load_splits(cfg: DatasetConfig, errors: list[RecordError] | None = None,
     """(train, val) records. A demo dataset is generated first when `demo_root` is set.
 
     With `errors`, malformed rows are collected there (and absent from the splits) instead of raising; the
-    held-out split is then drawn from the rows that parsed.
+    held-out split is then drawn from the rows that parsed. Held out are distinct rows (`Record.key`): every copy
+    of a row repeated by `#N` goes to the same side, so no held-out row is ever trained on.
     """
     if cfg.demo_root:
         from vltrain.data.demo import write_demo_dataset
@@ -257,14 +282,19 @@ def load_splits(cfg: DatasetConfig, errors: list[RecordError] | None = None,
                        for r in read_spec(spec, cfg.seed, errors, cache_dir, f"dataset.val[{i}]")]
     if cfg.val_ratio == 0 or not train:
         return train, []
-    n_val = max(1, int(len(train) * cfg.val_ratio))
-    if n_val >= len(train):
-        raise ConfigError(f"dataset.val_ratio={cfg.val_ratio} leaves no training rows out of {len(train)}")
-    order = list(range(len(train)))
-    random.Random(cfg.seed).shuffle(order)
-    held_out = set(order[:n_val])
-    return ([r for i, r in enumerate(train) if i not in held_out],
-            [r for i, r in enumerate(train) if i in held_out])
+    distinct = list(dict.fromkeys(r.key for r in train))
+    n_val = max(1, int(len(distinct) * cfg.val_ratio))
+    if n_val >= len(distinct):
+        raise ConfigError(f"dataset.val_ratio={cfg.val_ratio} leaves no training rows out of {len(distinct)} "
+                          "distinct rows")
+    random.Random(cfg.seed).shuffle(distinct)
+    held_out = set(distinct[:n_val])
+    val, seen = [], set()
+    for r in train:
+        if r.key in held_out and r.key not in seen:
+            seen.add(r.key)
+            val.append(r)
+    return [r for r in train if r.key not in held_out], val
 
 
 # ---- lazy encoding --------------------------------------------------------------------------------------------
@@ -286,63 +316,39 @@ class EncodedDataset(Dataset):
 
 # ---- encoding up front with HF datasets -----------------------------------------------------------------------
 
-_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
 
-
-def _normalise(u8: np.ndarray) -> torch.Tensor:
-    # vltrain.data.tiling's op order, so a tile stored as uint8 comes back bit for bit. uint8 -> float32 is exact
-    # either way; numpy's cast is twice as fast as torch's.
-    return torch.from_numpy(u8.astype(np.float32)).div_(255.0).sub_(_MEAN).div_(_STD)
-
-
-def pack_pixels(pixel_values: torch.Tensor | None) -> tuple[bytes, str, list[int]]:
-    """(bytes, dtype, shape) of a sample's tiles for storage. Tiles are kept as the uint8 pixels they were
-    normalised from (4x smaller) when that reproduces every float exactly, else as float32."""
-    if pixel_values is None:
-        return b"", "", []
-    if pixel_values.dtype != torch.float32:
-        raise TypeError(f"pixel_values must be float32, got {pixel_values.dtype}")
-    shape = list(pixel_values.shape)
-    # Out-of-range values wrap in the uint8 cast; the exactness check below then sends them to float32.
-    u8 = pixel_values.mul(_STD).add_(_MEAN).mul_(255.0).round_().to(torch.uint8).numpy()
-    exact = pixel_values.contiguous().numpy()
-    # Compared bit for bit (as int32: no NaN or -0.0 subtleties); numpy's comparison is 3x faster than torch's.
-    if np.array_equal(_normalise(u8).numpy().view(np.int32), exact.view(np.int32)):
-        return u8.tobytes(), "uint8", shape
-    return exact.tobytes(), "float32", shape
-
-
-def unpack_pixels(data: bytes, dtype: str, shape: list[int]) -> torch.Tensor | None:
-    if not dtype:
-        return None
-    array = np.frombuffer(data, dtype=dtype).reshape(shape)
-    return _normalise(array) if dtype == "uint8" else torch.from_numpy(array.copy())
-
-
-def try_encode(encoder: Encoder, record: Record) -> tuple[Sample | None, tuple[str, int, str, str] | None]:
-    """(sample, None), or (None, (source, line, field, message)) when the record cannot be encoded. A plain tuple:
-    RecordError does not survive pickling between processes. An unexpected exception is reported against its
-    row (field `encode`) like any other problem, never swallowed."""
+def try_encode(encoder: Encoder, record: Record, normalise: bool = True) -> tuple[Sample | None, RecordError | None]:
+    """(sample, None), or (None, the problem) when the record cannot be encoded. An unexpected exception is reported
+    against its row (field `encode`) like any other problem, never swallowed."""
     try:
-        return encoder(record), None
+        return encoder(record, normalise=normalise), None
     except RecordError as e:
-        return None, (e.source, e.line, e.field, e.message)
+        return None, e
     except Exception as e:  # noqa: BLE001
-        return None, (record.source, record.line, "encode", f"{type(e).__name__}: {e}")
+        return None, record.error("encode", f"{type(e).__name__}: {e}")
 
 
 def encode_row(encoder: Encoder, record: Record) -> dict[str, Any]:
-    """One record as a row of the encoded cache; a failed row has an empty sample and its error as
-    `[source, line, field, message]`."""
-    sample, error = try_encode(encoder, record)
+    """One record as a row of the encoded cache: ids, labels, tiles per image and the tiles' uint8 pixels
+    (`pixels`, shape `pixel_shape` (T, 3, S, S)); a failed row has an empty sample and its error as
+    `[source, line, field, message, row]`."""
+    sample, error = try_encode(encoder, record, normalise=False)
     if sample is None:
-        return {"input_ids": [], "labels": [], "tiles_per_image": [], "pixels": b"", "pixel_dtype": "",
-                "pixel_shape": [], "error": [error[0], str(error[1]), error[2], error[3]]}
-    data, dtype, shape = pack_pixels(sample.pixel_values)
+        return {"input_ids": [], "labels": [], "tiles_per_image": [], "pixels": b"", "pixel_shape": [],
+                "error": [error.source, str(error.line), error.field, error.message, str(error.row)]}
+    pixels = sample.pixel_values
     return {"input_ids": sample.input_ids.tolist(), "labels": sample.labels.tolist(),
-            "tiles_per_image": list(sample.tiles_per_image), "pixels": data, "pixel_dtype": dtype,
-            "pixel_shape": shape, "error": []}
+            "tiles_per_image": list(sample.tiles_per_image),
+            "pixels": b"" if pixels is None else pixels.numpy().tobytes(),
+            "pixel_shape": [] if pixels is None else list(pixels.shape), "error": []}
+
+
+def row_error(row: dict[str, Any]) -> RecordError | None:
+    """The problem stored in a row of the encoded cache, if any."""
+    if not row["error"]:
+        return None
+    source, line, field_name, message, row_number = row["error"]
+    return RecordError(source, int(line), field_name, message, int(row_number))
 
 
 class _Apply(Dataset):
@@ -380,8 +386,7 @@ def _features():
     ints = datasets.List(datasets.Value("int64"))
     return datasets.Features({
         "input_ids": ints, "labels": ints, "tiles_per_image": ints, "pixels": datasets.Value("binary"),
-        "pixel_dtype": datasets.Value("string"), "pixel_shape": ints,
-        "error": datasets.List(datasets.Value("string")),
+        "pixel_shape": ints, "error": datasets.List(datasets.Value("string")),
     })
 
 
@@ -394,40 +399,69 @@ def _file_stamp(path) -> list:
 
 
 def _tokenizer_digest(tokenizer) -> str:
+    """Hash of what decides a tokenizer's ids: its class, vocabulary and rules (tokenizer.json, or the
+    sentencepiece model of a slow tokenizer), added and special tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    added = json.dumps(sorted((k, v) for k, v in tokenizer.get_added_vocab().items()))
-    return hashlib.sha256(f"{type(tokenizer).__name__}\n{text}\n{added}".encode()).hexdigest()
+    sp_model = getattr(tokenizer, "sp_model", None)
+    parts = [f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}",
+             backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())),
+             hashlib.sha256(sp_model.serialized_model_proto()).hexdigest() if sp_model is not None else "",
+             json.dumps(sorted(tokenizer.get_added_vocab().items())),
+             json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _library_versions() -> str:
+    """Versions of the libraries whose output lands in a sample (resizing, video decoding, tokenization)."""
+    from importlib import metadata
+
+    versions = []
+    for name in ("pillow", "numpy", "torch", "tokenizers", "transformers", "sentencepiece", "decord", "av"):
+        try:
+            versions.append(f"{name}={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name}=-")
+    return " ".join(versions)
+
+
+# The code an encoded sample depends on: this package's data modules and the tokenizer classes.
+_ENCODING_CODE = (*sorted(Path(__file__).parent.glob("*.py")), Path(__file__).parents[1] / "model" / "tokenizer.py")
 
 
 def fingerprint(records: list[Record], encoder: Encoder) -> str:
-    """Hash of everything an encoded sample depends on: the records, their media files (size and mtime), the
-    encoder's settings and tokenizer, and the source of the encoding code."""
+    """Hash of everything an encoded sample depends on: the records (their text, media references and where they
+    come from), their media files (path, size and mtime; a URL by its address, as it is fetched only once), the
+    encoder's settings and tokenizer, the encoding code and the versions of the libraries it calls."""
     h = hashlib.sha256()
     for record in records:
         fields = dataclasses.asdict(record)
-        media = [_file_stamp(p) for p in [*fields.get("images", []), *fields.get("videos", [])]]
+        media = [_file_stamp(p) for p in [*record.images, *record.videos]]
         h.update(json.dumps([fields, media], sort_keys=True, default=str, ensure_ascii=False).encode())
     for name, value in sorted(vars(encoder).items()):
         digest = _tokenizer_digest(value) if hasattr(value, "get_vocab") else repr(value)
         h.update(f"{name}={digest}\n".encode())
-    for source in sorted((Path(__file__).parent).glob("*.py")):
+    for source in _ENCODING_CODE:
         h.update(source.read_bytes())
-    return h.hexdigest()[:20]
+    h.update(_library_versions().encode())
+    return h.hexdigest()[:32]
 
 
 def encode_with_datasets(records: list[Record], encoder: Encoder, cache_dir: Path | None = None,
                          num_proc: int = 1):
     """Encode every record (in `num_proc` processes) into an Arrow file read back as an HF `datasets.Dataset`,
     one row per record in order (`encode_row`). Cached under `cache_dir` (default: the HF datasets cache) by
-    `fingerprint`: a second call with the same records and settings only opens the file."""
+    `fingerprint`: a second call with the same records and settings only opens the file.
+
+    Safe when several processes (ranks, nodes on a shared folder) encode the same records at once: each writes a
+    folder of its own and renames it into place when complete; the first rename wins, the others are discarded.
+    """
     import datasets
     from datasets.arrow_writer import ArrowWriter
 
     root = Path(cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "vltrain-encoded").expanduser()
     final = root / fingerprint(records, encoder)
     if not (final / "complete.json").is_file():
-        tmp = root / f"{final.name}.tmp{os.getpid()}"
+        tmp = root / f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         # Small write batches: a row can hold tens of MB of tiles.
@@ -436,14 +470,18 @@ def encode_with_datasets(records: list[Record], encoder: Encoder, cache_dir: Pat
             for row in parallel_map(functools.partial(encode_row, encoder), records, num_proc):
                 writer.write(row)
             writer.finalize()
-        finally:
+        except BaseException:  # interrupted or failed: leave no partial copy (it can be GBs) behind
             writer.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        writer.close()
         (tmp / "complete.json").write_text(json.dumps({"rows": len(records)}), encoding="utf-8")
-        if (final / "complete.json").is_file():  # another process finished the same encoding first
+        try:
+            tmp.rename(final)  # atomic; fails when `final` exists (another process renamed its copy first)
+        except OSError:
+            if not (final / "complete.json").is_file():
+                raise
             shutil.rmtree(tmp)
-        else:
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
     return datasets.Dataset.from_file(str(final / "encoded.arrow"))
 
 
@@ -451,7 +489,8 @@ def row_to_sample(row: dict[str, Any]) -> Sample:
     return Sample(
         input_ids=torch.from_numpy(np.asarray(row["input_ids"], dtype=np.int64)),  # 50x faster than torch.tensor
         labels=torch.from_numpy(np.asarray(row["labels"], dtype=np.int64)),
-        pixel_values=unpack_pixels(row["pixels"], row["pixel_dtype"], row["pixel_shape"]),
+        pixel_values=normalise(np.frombuffer(row["pixels"], dtype=np.uint8).reshape(row["pixel_shape"]))
+        if row["pixel_shape"] else None,
         tiles_per_image=list(row["tiles_per_image"]),
     )
 

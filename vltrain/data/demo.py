@@ -30,19 +30,21 @@ import os
 import random
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from PIL import Image, ImageDraw
+
+from vltrain.data.records import IMAGE_TAG
 
 __all__ = [
     "BACKGROUND",
     "COLOURS",
-    "DemoSplit",
     "IMAGE_TAG",
     "SHAPES",
+    "DemoSplit",
     "answer_vocabulary",
     "demo_texts",
     "majority_baseline",
@@ -52,7 +54,6 @@ __all__ = [
 
 FORMAT_VERSION = 1
 STAMP_NAME = "demo_stamp.json"
-IMAGE_TAG = "<image>"
 
 BACKGROUND = (255, 255, 255)
 # Saturated and far apart in RGB, so colour is the easiest thing to learn.

@@ -39,8 +39,9 @@ the image as loaded.
 
 Then the template renders the conversation (assistant turns and their separator trained, the rest masked). A
 sample longer than `max_length` tokens after image expansion is an error (`length`), raised when the record is
-encoded. Every problem is a `RecordError` (`file:line: field: message`); a `MediaError` becomes one naming
-`images[i]` / `videos[i]`.
+encoded. Every problem is a `RecordError` (`file:line: field: message`, raised with `Record.error`, so the field is
+spelled as the row wrote it: `messages[3].content` rather than `query`); a `MediaError` becomes one naming the
+image or video (`images[i]`, `image[i]`, or the query holding an inline `<img>`).
 """
 
 from __future__ import annotations
@@ -48,16 +49,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vltrain.data.grounding import BOX_STYLES, fill_placeholders
 from vltrain.data.media import MediaError, MediaOptions, load_image, load_video_frames
-from vltrain.data.records import IMAGE_TAG, VIDEO_TAG, Record, RecordError
+from vltrain.data.records import IMAGE_TAG, VIDEO_TAG, Record, round_field, tag_count_problem
 from vltrain.data.templates import IGNORE_INDEX, expand_image_context, get_template, render
-from vltrain.data.tiling import TILE_SIZE, image_to_pixel_values
+from vltrain.data.tiling import TILE_SIZE, tile_pixels
+from vltrain.data.tiling import normalise as normalise_tiles
 from vltrain.model.tokenizer import IMAGE_CONTEXT_TOKEN
 
-__all__ = ["IGNORE_INDEX", "IMAGE_BLOCK", "IMAGE_TAG", "VIDEO_TAG", "Encoder", "Sample", "place_media_tags"]
+__all__ = ["IGNORE_INDEX", "IMAGE_BLOCK", "Encoder", "Sample", "merge_image_tags", "place_media_tags"]
 
 IMAGE_BLOCK = f"<img>{IMAGE_CONTEXT_TOKEN}</img>"
 _MEDIA_TAG = re.compile(f"({IMAGE_TAG}|{VIDEO_TAG})")
@@ -70,6 +73,8 @@ class Sample:
 
     input_ids, labels: (L,) int64; labels are -100 where nothing is trained.
     pixel_values: (T, 3, S, S) float32, all tiles in the order of their blocks in the text; None for text-only rows.
+        (T, 3, S, S) uint8 when encoded with `normalise=False`: the pixels `vltrain.data.tiling.normalise` turns
+        into exactly those floats.
     tiles_per_image: tiles of each image (thumbnail included) and of each video frame (1), in the same order;
         sums to T.
     """
@@ -113,24 +118,24 @@ class Encoder:
                    tile_size, merge_image_blocks=model.merge_image_blocks, split_tile_budget=data.split_tile_budget,
                    video_frames=data.video_frames, box_style=data.box_style, media=MediaOptions.from_config(data))
 
-    def __call__(self, record: Record, for_generation: bool = False) -> Sample:
-        """Encode a record. `for_generation`: drop the final response and end with the assistant header."""
+    def __call__(self, record: Record, for_generation: bool = False, *, normalise: bool = True) -> Sample:
+        """Encode a record. `for_generation`: drop the final response and end with the assistant header.
+        `normalise=False`: `pixel_values` are the uint8 pixels of the tiles (4x smaller to store or send)."""
         rounds = place_media_tags(record)
         if self.merge_image_blocks:
             if record.videos:
-                raise RecordError(record.source, record.line, "videos",
-                                  "V1.5 model types (model.merge_image_blocks=true) take no video; "
-                                  "use an InternVL2 model type")
+                raise record.error("videos", "V1.5 model types (model.merge_image_blocks=true) take no video; "
+                                             "use an InternVL2 model type")
             rounds = merge_image_tags(record, rounds)
         images = [self._load_image(record, i) for i in range(len(record.images))]
         budget = self._tile_budget(len(images), has_video=bool(record.videos))
-        image_pixels = [image_to_pixel_values(im, max_tiles=budget, tile_size=self.tile_size) for im in images]
+        image_pixels = [tile_pixels(im, max_tiles=budget, tile_size=self.tile_size) for im in images]
         video_pixels = [self._video_frame_tiles(record, m) for m in range(len(record.videos))]
 
         queries, chunks, tiles, context_counts = self._expand_media_tags(rounds, image_pixels, video_pixels)
         fields = []
         for i, (query, response) in enumerate(zip(queries, (a for _, a in rounds))):
-            fields += [(_field(i, len(rounds), 0), query), (_field(i, len(rounds), 1), response)]
+            fields += [(round_field(i, len(rounds), 0), query), (round_field(i, len(rounds), 1), response)]
         texts = fill_placeholders(record, fields, [im.size for im in images], self.box_style)
         turns: list[tuple[str, str | None]] = list(zip(texts[0::2], texts[1::2]))
         if for_generation:
@@ -141,14 +146,18 @@ class Encoder:
             rendered = render(self.template, self.tokenizer, turns, system or None)
             ids, labels = expand_image_context(rendered.input_ids, rendered.labels, self.context_id, context_counts)
         except ValueError as e:
-            raise RecordError(record.source, record.line, "conversation", str(e)) from None
+            raise record.error("conversation", str(e)) from None
         if len(ids) > self.max_length and not for_generation:
-            raise RecordError(record.source, record.line, "length",
-                              f"{len(ids)} tokens after image expansion exceed data.max_length={self.max_length}")
+            raise record.error("length", f"{len(ids)} tokens after image expansion exceed "
+                                         f"data.max_length={self.max_length}")
+        pixel_values = None
+        if chunks:
+            pixels = np.concatenate(chunks)  # (T, 3, S, S) uint8
+            pixel_values = normalise_tiles(pixels) if normalise else torch.from_numpy(pixels)
         return Sample(
             input_ids=torch.tensor(ids, dtype=torch.long),
             labels=torch.tensor(labels, dtype=torch.long),
-            pixel_values=torch.cat(chunks) if chunks else None,
+            pixel_values=pixel_values,
             tiles_per_image=tiles,
         )
 
@@ -163,22 +172,22 @@ class Encoder:
         try:
             return load_image(record.images[i], self.media)
         except MediaError as e:
-            raise RecordError(record.source, record.line, f"images[{i}]", str(e)) from None
+            raise record.error(f"images[{i}]", str(e)) from None
 
-    def _video_frame_tiles(self, record: Record, m: int) -> list[torch.Tensor]:
-        """One (1, 3, S, S) tile per frame of `videos[m]`."""
+    def _video_frame_tiles(self, record: Record, m: int) -> list[np.ndarray]:
+        """One (1, 3, S, S) uint8 tile per frame of `videos[m]`."""
         try:
             frames = load_video_frames(record.videos[m], self.video_frames, self.media)
         except MediaError as e:
-            raise RecordError(record.source, record.line, f"videos[{m}]", str(e)) from None
+            raise record.error(f"videos[{m}]", str(e)) from None
         if not frames:
-            raise RecordError(record.source, record.line, f"videos[{m}]", "no frame could be read")
-        return [image_to_pixel_values(frame, max_tiles=1, tile_size=self.tile_size) for frame in frames]
+            raise record.error(f"videos[{m}]", "no frame could be read")
+        return [tile_pixels(frame, max_tiles=1, tile_size=self.tile_size) for frame in frames]
 
     def _expand_media_tags(self, rounds, image_pixels, video_pixels):
         """Queries with every tag replaced by its blocks; the tiles, tile counts and context-token counts of the
         blocks in text order."""
-        chunks: list[torch.Tensor] = []
+        chunks: list[np.ndarray] = []
         tiles: list[int] = []
         context_counts: list[int] = []
         next_image = next_video = 0
@@ -205,13 +214,6 @@ class Encoder:
         return queries, chunks, tiles, context_counts
 
 
-def _field(round_index: int, n_rounds: int, part: int) -> str:
-    """The record field holding part 0 (query) or 1 (response) of a round."""
-    if round_index == n_rounds - 1:
-        return ("query", "response")[part]
-    return f"history[{round_index}][{part}]"
-
-
 def place_media_tags(record: Record) -> list[tuple[str, str]]:
     """The record's rounds with one `<image>` tag per image and one `<video>` tag per video.
 
@@ -219,23 +221,20 @@ def place_media_tags(record: Record) -> list[tuple[str, str]]:
     """
     rounds = record.rounds
     n = len(rounds)
-
-    def fail(field_name: str, message: str):
-        raise RecordError(record.source, record.line, field_name, message)
-
     for i, (query, answer) in enumerate(rounds):
         for part, text in enumerate((query, answer)):
             if IMAGE_CONTEXT_TOKEN in text:
-                fail(_field(i, n, part), f"{IMAGE_CONTEXT_TOKEN} is reserved for image features; "
-                                         f"write {IMAGE_TAG} where an image goes")
+                raise record.error(round_field(i, n, part), f"{IMAGE_CONTEXT_TOKEN} is reserved for image features; "
+                                                            f"write {IMAGE_TAG} where an image goes")
         for tag in (IMAGE_TAG, VIDEO_TAG):
             if tag in answer:
-                fail(_field(i, n, 1), f"{tag} tags belong in queries")
+                raise record.error(round_field(i, n, 1), f"{tag} in responses: media tags belong in queries")
     missing = {}
     for tag, media, name in ((IMAGE_TAG, record.images, "images"), (VIDEO_TAG, record.videos, "videos")):
         tags = sum(q.count(tag) for q, _ in rounds)
-        if tags > len(media):
-            fail(name, f"{len(media)} {name} but {tags} {tag} tags")
+        problem = tag_count_problem(tag, tags, len(media))
+        if problem:
+            raise record.error(name, problem)
         missing[tag] = len(media) - tags
     prefix = f"{IMAGE_TAG}\n" * missing[IMAGE_TAG] + f"{VIDEO_TAG}\n" * missing[VIDEO_TAG]
     if prefix:
@@ -254,15 +253,16 @@ def merge_image_tags(record: Record, rounds: list[tuple[str, str]]) -> list[tupl
     hint = ("V1.5 model types put all images in one block at the first <image> tag; "
             "write the tags together (\"<image>\\n<image>\\nQuestion\") or drop them")
     if len(tagged) > 1:
-        raise RecordError(record.source, record.line, _field(tagged[1], len(rounds), 0),
-                          f"<image> tags in more than one round ({', '.join(_field(i, len(rounds), 0) for i in tagged)}): "
-                          + hint)
+        names = ", ".join(record.field_name(round_field(i, len(rounds), 0)) for i in tagged)
+        raise record.error(round_field(tagged[1], len(rounds), 0), f"<image> tags in more than one round ({names}): "
+                                                                   + hint)
     first = tagged[0]
     query, answer = rounds[first]
     run = _IMAGE_RUN.search(query)
     if run.group().count(IMAGE_TAG) != query.count(IMAGE_TAG):
-        raise RecordError(record.source, record.line, _field(first, len(rounds), 0),
-                          "text between <image> tags: " + hint)
+        untagged = len(record.images) - sum(q.count(IMAGE_TAG) for q, _ in record.rounds)
+        placed = f" ({untagged} untagged image(s) placed at the start of the first round)" if untagged else ""
+        raise record.error(round_field(first, len(rounds), 0), f"text between <image> tags{placed}: " + hint)
     rounds = list(rounds)
     rounds[first] = (query[:run.start()] + IMAGE_TAG + query[run.end():], answer)
     return rounds

@@ -25,7 +25,7 @@ Rules:
     An empty or inverted box (x1 >= x2 or y1 >= y2) is an error, as when the record file is read.
   - `objects[i].image` must name one of the record's images (boxes locate something in that image).
 Errors are `RecordError`s naming `objects[i].bbox`, `objects[i].image`, or the text field holding a placeholder
-left over (`query`, `response`, `history[i][0]`, `history[i][1]`).
+left over (`query`, `response`, `history[i][0]`, `history[i][1]`, spelled as the row writes them: `Record.error`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,14 @@ from collections.abc import Sequence
 from decimal import Decimal
 from fractions import Fraction
 
-from vltrain.data.records import BBOX_TYPES, BOX_PLACEHOLDER, REF_PLACEHOLDER, GroundingObject, RecordError
+from vltrain.data.records import (
+    BBOX_TYPES,
+    BOX_PLACEHOLDER,
+    REF_PLACEHOLDER,
+    GroundingObject,
+    Record,
+    grounding_placeholders,
+)
 
 BOX_STYLES = ("internvl", "swift")
 _PLACEHOLDER = re.compile(f"({re.escape(REF_PLACEHOLDER)}|{re.escape(BOX_PLACEHOLDER)})")
@@ -96,22 +103,18 @@ def format_ref(caption: str) -> str:
     return f"<ref>{caption}</ref>"
 
 
-def has_placeholders(text: str) -> bool:
-    return REF_PLACEHOLDER in text or BOX_PLACEHOLDER in text
-
-
-def fill_placeholders(record, fields: list[tuple[str, str]], image_sizes: Sequence[tuple[int, int]],
+def fill_placeholders(record: Record, fields: list[tuple[str, str]], image_sizes: Sequence[tuple[int, int]],
                       style: str = "internvl") -> list[str]:
-    """The texts of `fields` ((field name, text) in conversation order) with every placeholder filled.
+    """The texts of `fields` ((ms-swift field name, text) in conversation order) with every placeholder filled.
 
-    `record` supplies `objects`, `source` and `line`; `image_sizes[i]` is the (width, height) of `images[i]`.
+    `record` supplies `objects` and the error location; `image_sizes[i]` is the (width, height) of `images[i]`.
     """
     objects: list[GroundingObject] = list(record.objects or [])
-    if not objects and not any(has_placeholders(text) for _, text in fields):
+    if not objects and not any(grounding_placeholders(text) for _, text in fields):
         return [text for _, text in fields]
 
     def fail(field_name: str, message: str):
-        raise RecordError(record.source, record.line, field_name, message)
+        raise record.error(field_name, message)
 
     refs, boxes = [], []
     for i, obj in enumerate(objects):

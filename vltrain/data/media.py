@@ -15,7 +15,7 @@ connection and for the whole body), at most `max_bytes` bytes (checked against C
 `backoff`, ... seconds between attempts. Other HTTP errors (404, 403, ...) and an oversized body fail at once. A
 fetched file is stored under `cache_dir` as the SHA-256 of its URL (written to a temporary file, then renamed,
 so a reader never sees half a file); a cached file that turns out not to decode is removed so the next attempt
-fetches again.
+fetches again (likewise a fetched video that no reader can open).
 
 Every problem is a `MediaError` naming the reference and what went wrong; callers add `file:line: field:`.
 """
@@ -262,14 +262,25 @@ def frame_indices(total: int, num_frames: int) -> list[int]:
     return [int(seg / 2 + round(seg * k)) for k in range(num_frames)]
 
 
+class _NotAVideo(MediaError):
+    """A file that the video readers cannot open as a video (a fetched copy of it is not kept)."""
+
+
 def load_video_frames(ref: str, num_frames: int, options: MediaOptions | None = None) -> list[Image.Image]:
     """`num_frames` RGB frames of the video `ref` (a path or a URL), chosen by `frame_indices`."""
     if media_kind(ref) == "url":
-        path = str(fetch_url(ref, options))
-    elif media_kind(ref) == "base64" or not os.path.isfile(ref):
+        cached = fetch_url(ref, options)
+        try:
+            return _read_frames(str(cached), ref, num_frames)
+        except _NotAVideo as e:
+            cached.unlink(missing_ok=True)  # a bad body must not stay cached for ever
+            raise MediaError(f"{e} (fetched copy removed from the cache)") from None
+    if media_kind(ref) == "base64" or not os.path.isfile(ref):
         raise MediaError(f"{describe(ref)}: file not found (videos are read from files or URLs)")
-    else:
-        path = ref
+    return _read_frames(ref, ref, num_frames)
+
+
+def _read_frames(path: str, ref: str, num_frames: int) -> list[Image.Image]:
     try:
         import decord
     except ImportError:
@@ -283,7 +294,7 @@ def load_video_frames(ref: str, num_frames: int, options: MediaOptions | None = 
     except ImportError:
         raise MediaError(f"{describe(ref)}: reading videos needs decord or PyAV (pip install 'vltrain[video]')") from None
     except Exception as e:  # noqa: BLE001 - decord's and PyAV's many FFmpeg errors, all reported the same way
-        raise MediaError(f"{describe(ref)}: cannot read the video ({type(e).__name__}: {e})") from None
+        raise _NotAVideo(f"{describe(ref)}: cannot read the video ({type(e).__name__}: {e})") from None
 
 
 def _check_length(ref: str, total: int, num_frames: int) -> list[int]:
@@ -306,7 +317,7 @@ def _frames_pyav(path: str, ref: str, num_frames: int) -> list[Image.Image]:
 
     with av.open(path) as container:
         if not container.streams.video:
-            raise MediaError(f"{describe(ref)}: no video stream")
+            raise _NotAVideo(f"{describe(ref)}: no video stream")
         total = container.streams.video[0].frames
     if not total:  # the container does not say (e.g. WebM): count by decoding
         with av.open(path) as container:

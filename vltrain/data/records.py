@@ -37,7 +37,9 @@ index. Checked by the encoder (vltrain.data.grounding), which knows the image si
 real boxes inside their image, and placeholder counts against objects.
 
 Every problem is a `RecordError` that reads `file:line: field: message`, `field` being the path inside the row
-(`messages[3].role`, `history[0][1]`, `objects[1].bbox`, `image[2]`).
+as the row writes it (`messages[3].role`, `history[0][1]`, `objects[1].bbox`, `image[2]`), also for problems the
+encoder finds later (`Record.error`). Elements of a `.json` array that share a line (a compact array) are told
+apart by their index in the array before the path: `data.json:1: [4].response: ...`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,11 +75,20 @@ INLINE = {IMAGE_TAG: re.compile(r"<img>(.+?)</img>"), VIDEO_TAG: re.compile(r"<v
 
 
 class RecordError(ValueError):
-    """A problem with one row, located as `file:line: field: message`."""
+    """A problem with one row, located as `file:line: field: message`. `row` (1-based position of the row in its
+    file; 0 = unknown) tells apart rows that share a line, as in a compact `.json` array."""
 
-    def __init__(self, source: str, line: int, field_name: str, message: str):
-        self.source, self.line, self.field, self.message = source, line, field_name, message
+    def __init__(self, source: str, line: int, field_name: str, message: str, row: int = 0):
+        self.source, self.line, self.field, self.message, self.row = source, line, field_name, message, row
         super().__init__(f"{source}:{line}: {field_name}: {message}")
+
+    def __reduce__(self):  # picklable, so that errors come back from worker processes
+        return type(self), (self.source, self.line, self.field, self.message, self.row)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """Identifies the row: (source, row), or (source, line) when the row is unknown."""
+        return (self.source, self.row or self.line)
 
 
 @dataclass
@@ -112,13 +124,53 @@ class Record:
     objects: list[GroundingObject] = field(default_factory=list)
     source: str = "<memory>"
     line: int = 0
+    """Line of the file where the row starts."""
+    row: int = 0
+    """1-based position of the row in its file (0: not from a file); rows of a compact `.json` array share a line."""
+    field_names: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    """The row's own spelling of the fields named here in ms-swift terms (`query`, `history[0][1]`, `images[2]`,
+    ...) where it differs: `messages[3].content`, `conversations[1].value`, `image[2]`, or the query holding an
+    inline `<img>`. `""` holds a prefix for every field (`[4].`: the element of a `.json` array sharing its line)."""
 
     @property
     def rounds(self) -> list[tuple[str, str]]:
         return [*self.history, (self.query, self.response)]
 
+    @property
+    def key(self) -> tuple[str, int]:
+        """Identifies the row (as `RecordError.key` does): (source, row), or (source, line) when not from a file."""
+        return (self.source, self.row or self.line)
+
     def where(self) -> str:
         return f"{self.source}:{self.line}"
+
+    def field_name(self, name: str) -> str:
+        """The field `name` (ms-swift spelling) as the row writes it."""
+        return self.field_names.get(name) or self.field_names.get("", "") + name
+
+    def error(self, name: str, message: str) -> RecordError:
+        """A RecordError at this row, `name` (ms-swift spelling) given as the row writes it."""
+        return RecordError(self.source, self.line, self.field_name(name), message, self.row)
+
+
+def round_field(round_index: int, n_rounds: int, part: int) -> str:
+    """The ms-swift field holding part 0 (query) or 1 (response) of round `round_index` of `n_rounds`."""
+    if round_index == n_rounds - 1:
+        return ("query", "response")[part]
+    return f"history[{round_index}][{part}]"
+
+
+def tag_count_problem(tag: str, tags: int, media: int) -> str | None:
+    """The message for more `tag`s in the queries than media, else None."""
+    if tags <= media:
+        return None
+    kind = tag.strip("<>")
+    return (f"{tags} {tag} tag{'s' if tags != 1 else ''} in the queries but {media} {kind}{'s' if media != 1 else ''}")
+
+
+def grounding_placeholders(text: str) -> list[str]:
+    """The grounding placeholders (`<ref-object>`, `<bbox>`) found in `text`."""
+    return [tag for tag in (REF_PLACEHOLDER, BOX_PLACEHOLDER) if tag in text]
 
 
 # ---------------------------------------------------------------- files
@@ -144,14 +196,22 @@ def read_records(path: str | Path, errors: list[RecordError] | None = None) -> l
     except UnicodeDecodeError as e:
         raise RecordError(source, data.count(b"\n", 0, e.start) + 1, "file", f"not UTF-8 text ({e.reason} at byte "
                                                                               f"{e.start})") from None
-    rows = _jsonl_rows(text, source) if suffix == ".jsonl" else _json_array_rows(text, source)
+    if suffix == ".jsonl":
+        rows = _jsonl_rows(text, source)
+        prefixes = None
+    else:
+        rows = list(_json_array_rows(text, source))
+        per_line = Counter(line for line, _ in rows)
+        # Elements of a compact array share a line: their field paths start with the element's index.
+        prefixes = [f"[{k}]." if per_line[line] > 1 else "" for k, (line, _) in enumerate(rows)]
     records, n_rows = [], 0
-    for line, row in rows:
+    for k, (line, row) in enumerate(rows):
         n_rows += 1
         try:
             if isinstance(row, RecordError):
-                raise row
-            records.append(parse_row(row, source, line, path.parent))
+                raise RecordError(row.source, row.line, row.field, row.message, k + 1)
+            records.append(parse_row(row, source, line, path.parent, row_number=k + 1,
+                                     prefix=prefixes[k] if prefixes else ""))
         except RecordError as e:
             if errors is None:
                 raise
@@ -218,11 +278,14 @@ class _Text:
     field: str
 
 
-def parse_row(row, source: str, line: int, base_dir: Path) -> Record:
-    """Check one decoded row and build its Record; media paths are resolved against `base_dir`."""
+def parse_row(row, source: str, line: int, base_dir: Path, *, row_number: int = 0, prefix: str = "") -> Record:
+    """Check one decoded row and build its Record; media paths are resolved against `base_dir`.
+
+    `row_number`: the row's 1-based position in its file; `prefix`: put before every field path in errors.
+    """
 
     def fail(field_name: str, message: str):
-        raise RecordError(source, line, field_name, message)
+        raise RecordError(source, line, prefix + field_name, message, row_number)
 
     if not isinstance(row, dict):
         fail("row", f"expected a JSON object, got {_type(row)}")
@@ -263,24 +326,35 @@ def parse_row(row, source: str, line: int, base_dir: Path) -> Record:
     queries = [q for q, _ in rounds]
     images = _inline_media(queries, images, IMAGE_TAG, image_field, fail)
     videos = _inline_media(queries, videos, VIDEO_TAG, video_field, fail)
-    images = [_resolve(ref, name, base_dir, "image", fail) for ref, name in images]
-    videos = [_resolve(ref, name, base_dir, "video", fail) for ref, name in videos]
+    image_refs = [_resolve(ref, name, base_dir, "image", fail) for ref, name in images]
+    video_refs = [_resolve(ref, name, base_dir, "video", fail) for ref, name in videos]
     for tag, media, name in ((IMAGE_TAG, images, image_field), (VIDEO_TAG, videos, video_field)):
-        tags = sum(q.text.count(tag) for q in queries)
-        if tags > len(media):
-            fail(name, f"{tags} {tag} tag{'s' if tags != 1 else ''} in the queries but {len(media)} "
-                       f"{tag.strip('<>')}{'s' if len(media) != 1 else ''}")
+        problem = tag_count_problem(tag, sum(q.text.count(tag) for q in queries), len(media))
+        if problem:
+            fail(name, problem)
 
     objects = _objects(row.get("objects"), len(images), fail)
     texts = [t for pair in rounds for t in pair]
-    if system and _grounding_tags(system.text):
-        fail(system.field, f"{_grounding_tags(system.text)[0]} in the system prompt: placeholders belong in the turns")
-    placeholders = [t for t in texts if _grounding_tags(t.text)]
+    if system and grounding_placeholders(system.text):
+        fail(system.field, f"{grounding_placeholders(system.text)[0]} in the system prompt: placeholders belong in "
+                           "the turns")
+    placeholders = [t for t in texts if grounding_placeholders(t.text)]
     if placeholders and not objects:
-        fail(placeholders[0].field, f"{_grounding_tags(placeholders[0].text)[0]} placeholder but the row has no objects")
+        fail(placeholders[0].field, f"{grounding_placeholders(placeholders[0].text)[0]} placeholder but the row has "
+                                    "no objects")
     if objects and not placeholders:
         fail("objects", f"{len(objects)} object{'s' if len(objects) != 1 else ''} but no {REF_PLACEHOLDER} or "
                         f"{BOX_PLACEHOLDER} placeholder in the turns to use them")
+
+    # How the row spells the fields that the encoder names in ms-swift terms.
+    spelled = {"images": image_field, "videos": video_field, **({"system": system.field} if system else {})}
+    spelled |= {f"images[{i}]": name for i, (_, name) in enumerate(images)}
+    spelled |= {f"videos[{i}]": name for i, (_, name) in enumerate(videos)}
+    spelled |= {round_field(i, len(rounds), part): text.field
+                for i, pair in enumerate(rounds) for part, text in enumerate(pair)}
+    field_names = {k: prefix + v for k, v in spelled.items() if prefix + v != k}
+    if prefix:
+        field_names[""] = prefix
 
     (*history, (query, response)) = rounds
     return Record(
@@ -288,11 +362,13 @@ def parse_row(row, source: str, line: int, base_dir: Path) -> Record:
         response=response.text,
         history=[(q.text, a.text) for q, a in history],
         system=system.text if system else None,
-        images=images,
-        videos=videos,
+        images=image_refs,
+        videos=video_refs,
         objects=objects,
         source=source,
         line=line,
+        row=row_number,
+        field_names=field_names,
     )
 
 
@@ -394,10 +470,6 @@ def _media_list(value, name: str, fail) -> list[tuple[str, str]]:
 def _media_tags(text: str) -> list[str]:
     found = [tag for tag in (IMAGE_TAG, VIDEO_TAG) if tag in text]
     return found + [m[0] for pattern in INLINE.values() for m in [pattern.search(text)] if m]
-
-
-def _grounding_tags(text: str) -> list[str]:
-    return [tag for tag in (REF_PLACEHOLDER, BOX_PLACEHOLDER) if tag in text]
 
 
 def _inline_media(queries: list[_Text], media: list[tuple[str, str]], tag: str, name: str, fail):

@@ -22,9 +22,12 @@ __all__ = [
     "IMAGENET_STD",
     "TILE_SIZE",
     "choose_grid",
+    "denormalise",
     "image_to_pixel_values",
+    "normalise",
     "num_tiles",
     "tile_image",
+    "tile_pixels",
     "tiles_to_tensor",
 ]
 
@@ -170,10 +173,19 @@ def tile_image(
     return tiles + [thumbnail] if thumbnail is not None else tiles
 
 
-def _normalise(chw_uint8: torch.Tensor) -> torch.Tensor:
-    """(T, 3, S, S) uint8 -> (T, 3, S, S) float32, ``(x / 255 - mean) / std``."""
-    # Same op order and dtype as ToTensor + Normalize, so values match to the last bits.
-    return chw_uint8.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0).sub_(_MEAN).div_(_STD)
+def normalise(pixels: np.ndarray) -> torch.Tensor:
+    """(T, 3, S, S) uint8 tiles (any memory layout) -> contiguous (T, 3, S, S) float32, ``(x / 255 - mean) / std``.
+
+    Same op order and dtype as torchvision's ToTensor + Normalize, so values match to the last bit. The cast is
+    numpy's (one copy into a contiguous float32 array): twice as fast as torch's ``.to(float32)``, same bits.
+    """
+    return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).div_(255.0).sub_(_MEAN).div_(_STD)
+
+
+def denormalise(pixel_values: torch.Tensor) -> np.ndarray:
+    """Normalised (T, 3, S, S) tiles -> the (T, 3, S, S) uint8 pixels they came from (rounded, clamped)."""
+    pixels = pixel_values.detach().float().cpu() * _STD + _MEAN
+    return pixels.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
 def tiles_to_tensor(tiles: list[Image.Image]) -> torch.Tensor:
@@ -191,8 +203,27 @@ def tiles_to_tensor(tiles: list[Image.Image]) -> torch.Tensor:
         if tile.size != size:
             raise ValueError(f"tile {k} has size {tile.size}, expected {size}")
         arrays.append(np.asarray(_to_rgb(tile), dtype=np.uint8))
-    hwc = torch.from_numpy(np.stack(arrays))  # (T, S, S, 3)
-    return _normalise(hwc.permute(0, 3, 1, 2))
+    return normalise(np.stack(arrays).transpose(0, 3, 1, 2))  # (T, S, S, 3) -> (T, 3, S, S)
+
+
+def tile_pixels(
+    image: Image.Image,
+    max_tiles: int,
+    min_tiles: int = 1,
+    tile_size: int = TILE_SIZE,
+    use_thumbnail: bool = True,
+) -> np.ndarray:
+    """Image -> its (T, 3, S, S) uint8 tiles, ``T == num_tiles(...)``, ``S == tile_size``.
+
+    The same tiles as ``tile_image`` in the same order, cut out of one array instead of one PIL crop per tile.
+    """
+    resized, cols, rows, thumbnail = _grid_and_thumbnail(image, max_tiles, min_tiles, tile_size, use_thumbnail)
+    # (rows*S, cols*S, 3) -> (rows, S, cols, S, 3) -> (rows, cols, 3, S, S): row-major tiles.
+    grid = np.asarray(resized, dtype=np.uint8).reshape(rows, tile_size, cols, tile_size, 3).transpose(0, 2, 4, 1, 3)
+    chw = grid.reshape(rows * cols, 3, tile_size, tile_size)
+    if thumbnail is not None:
+        chw = np.concatenate([chw, np.asarray(thumbnail, dtype=np.uint8).transpose(2, 0, 1)[None]], axis=0)
+    return chw
 
 
 def image_to_pixel_values(
@@ -202,15 +233,6 @@ def image_to_pixel_values(
     tile_size: int = TILE_SIZE,
     use_thumbnail: bool = True,
 ) -> torch.Tensor:
-    """Image -> normalised ``(T, 3, S, S)`` float32 tiles, ``T == num_tiles(...)``, ``S == tile_size``.
-
-    Equal to ``tiles_to_tensor(tile_image(...))`` but cuts the tiles out of one array instead
-    of making a PIL crop per tile.
-    """
-    resized, cols, rows, thumbnail = _grid_and_thumbnail(image, max_tiles, min_tiles, tile_size, use_thumbnail)
-    # (rows*S, cols*S, 3) -> (rows, S, cols, S, 3) -> (rows, cols, 3, S, S): row-major tiles.
-    grid = np.asarray(resized, dtype=np.uint8).reshape(rows, tile_size, cols, tile_size, 3).transpose(0, 2, 4, 1, 3)
-    chw = grid.reshape(rows * cols, 3, tile_size, tile_size)
-    if thumbnail is not None:
-        chw = np.concatenate([chw, np.asarray(thumbnail, dtype=np.uint8).transpose(2, 0, 1)[None]], axis=0)
-    return _normalise(torch.from_numpy(np.ascontiguousarray(chw)))
+    """Image -> normalised ``(T, 3, S, S)`` float32 tiles: ``normalise(tile_pixels(...))``, equal to
+    ``tiles_to_tensor(tile_image(...))``."""
+    return normalise(tile_pixels(image, max_tiles, min_tiles, tile_size, use_thumbnail))

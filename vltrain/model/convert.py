@@ -14,7 +14,12 @@ What changes (reference: the official `modeling_internvl_chat.py`, `modeling_int
 - Phi-3: prefix rename; legacy `su`/`longrope`/`yarn` rope_scaling built into explicit longrope `rope_parameters`.
 - Qwen2, Llama (Yi, Llama-3): prefix rename.
 - bitsandbytes int8 checkpoints (InternVL-Chat-V1-5-int8: `weight` int8 + `SCB`) are dequantised on the way in;
-  `model.load_in_8bit` quantises them again, to the same int8 values.
+  `model.load_in_8bit` quantises them again: to the same int8 values from fp32 or fp16 weights, while bf16
+  rounding moves a few (about 0.05%) by one step.
+
+Phi-3 (`phi3-chat`): the official training tokenised with the slow sentencepiece tokenizer, which puts one `▁`
+after BOS; the converted folder keeps tokenizer.model for vltrain's `SlowLlamaTokenizer`, but plain
+`AutoTokenizer` builds a fast tokenizer without that `▁` (every other id is the same).
 
 Pixel shuffle v1: a `ps_version: v1` checkpoint (InternVL-Chat-V1-5 era) loads as
 `vltrain.model.internvl.InternVLPsV1ForConditionalGeneration` and its converted config.json keeps
@@ -45,7 +50,8 @@ from transformers import (
 
 from vltrain.data.templates import chat_template_jinja, get_template
 from vltrain.model.internvl import PS_V1, model_class
-from vltrain.model.tokenizer import IMAGE_CONTEXT_TOKEN
+from vltrain.model.load import configure_generation
+from vltrain.model.tokenizer import IMAGE_CONTEXT_TOKEN, SlowLlamaTokenizer, single_token_id
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +92,11 @@ def is_original_layout(path: Path) -> bool:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
+    return is_original_config(config)
+
+
+def is_original_config(config: dict) -> bool:
+    """True for a config.json dict of the original layout (`InternVLChatConfig`)."""
     return config.get("model_type") == "internvl_chat" or "InternVLChatModel" in (config.get("architectures") or [])
 
 
@@ -355,13 +366,19 @@ def read_shard(file: Path) -> dict[str, torch.Tensor]:
         return torch.load(file, map_location="cpu", weights_only=True)
 
 
-def dequantize_int8(shard: dict[str, torch.Tensor], carry: dict[str, torch.Tensor]) -> None:
+def dequantize_int8(shard: dict[str, torch.Tensor], carry: dict[str, torch.Tensor],
+                    dtype: torch.dtype = torch.float32) -> None:
     """Turn bitsandbytes int8 weights (`<m>.weight` int8 + `<m>.SCB` row absmax, the InternVL-Chat-V1-5-int8
-    layout) back into float weights in place: W = int8 * SCB / 127 per output row, exactly the values the int8
-    layer computes with. Re-quantising such a row gives the same int8 values and absmax, so `load_in_8bit`
-    on top is lossless. A weight whose SCB sits in another shard waits in `carry` (and vice versa)."""
+    layout) back into float weights in place: W = int8 * SCB / 127 per output row (computed in fp32, stored in
+    `dtype`), the values the int8 layer computes with. Re-quantising an fp32 or fp16 row gives the same int8
+    values (bf16 keeps 8 significant bits: a few values land one step off). A weight whose SCB sits in another
+    shard waits in `carry` (and vice versa)."""
     for name in [n for n in shard if n.endswith(".weight_format")]:
-        del shard[name]  # bitsandbytes' layout tag; the row-major format is the only one it saves
+        # bitsandbytes' layout tag: 0 = row-major; 1-3 = the col32 / col_turing / col_ampere GPU tile layouts of
+        # its early versions, which today's bitsandbytes refuses as well
+        if (layout := int(shard.pop(name))) != 0:
+            raise ConversionError(f"{name}: int8 weights in bitsandbytes' GPU tile layout {layout}; only the "
+                                  "row-major layout (0) converts")
     pool = {**carry, **{n: shard.pop(n) for n in list(shard) if n.endswith(".SCB")
                         or (n.endswith(".weight") and shard[n].dtype == torch.int8)}}
     carry.clear()
@@ -375,14 +392,17 @@ def dequantize_int8(shard: dict[str, torch.Tensor], carry: dict[str, torch.Tenso
         if scale is None:
             carry[name] = tensor
         else:
-            shard[name] = tensor.float() * (scale.float() / 127.0).unsqueeze(1)
+            shard[name] = (tensor.float() * (scale.float() / 127.0).unsqueeze(1)).to(dtype)
 
 
-def _convert_shard(file: Path, layout: _Layout, unknown: list[str],
-                   int8_carry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _convert_shard(file: Path, layout: _Layout, unknown: list[str], int8_carry: dict[str, torch.Tensor],
+                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The native tensors of one shard; original keys that map to nothing are appended to `unknown`."""
     shard = read_shard(file)
-    dequantize_int8(shard, int8_carry)
+    try:
+        dequantize_int8(shard, int8_carry, dtype)
+    except ConversionError as e:
+        raise ConversionError(f"{file}: {e}") from None
     converted: dict[str, torch.Tensor] = {}
     for name in list(shard):
         pairs = convert_tensor(name, shard.pop(name), layout)
@@ -398,7 +418,8 @@ def load_original(path: Path, tokenizer, dtype: torch.dtype,
     """Load an original-layout checkpoint folder into the native class (or its ps-v1 subclass), in `dtype`.
 
     The model is built with its parameters on the meta device; each shard is read, converted and its tensors
-    assigned, then dropped, so peak memory is about one model plus one shard. Keys the checkpoint lacks or that
+    assigned one by one, then dropped, so peak memory is about one model plus one shard (an int8 shard counts
+    with its weights dequantised to `dtype`). Keys the checkpoint lacks or that
     the model does not have are reported together after the last shard, as one ConversionError.
     """
     from accelerate import init_empty_weights
@@ -407,7 +428,7 @@ def load_original(path: Path, tokenizer, dtype: torch.dtype,
     if not is_original_layout(path):
         raise ConversionError(f"{path / 'config.json'}: not an original InternVL (InternVLChatModel) config")
     original = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    image_token_id = _single_token_id(tokenizer, IMAGE_CONTEXT_TOKEN)
+    image_token_id = single_token_id(tokenizer, IMAGE_CONTEXT_TOKEN)
     if image_token_id is None:
         raise ConversionError(f"{path}: the tokenizer has no {IMAGE_CONTEXT_TOKEN} token (add_internvl_tokens)")
     try:
@@ -431,8 +452,9 @@ def load_original(path: Path, tokenizer, dtype: torch.dtype,
     layout = _layout(original)
     int8_carry: dict[str, torch.Tensor] = {}
     for file in shard_files(path):
-        converted = _convert_shard(file, layout, unknown, int8_carry)
-        for name, tensor in converted.items():
+        converted = _convert_shard(file, layout, unknown, int8_carry, dtype)
+        for name in list(converted):  # popped: each source tensor is freed once its `dtype` copy is in place
+            tensor = converted.pop(name)
             if name not in targets:
                 unexpected.append(name)
             elif tensor.shape != targets[name].shape:
@@ -440,7 +462,7 @@ def load_original(path: Path, tokenizer, dtype: torch.dtype,
             else:
                 _assign(model, name, tensor.to(dtype).contiguous())
                 pending.discard(name)
-        converted = tensor = None  # nothing of this shard outlives its loop (peak: one model + one shard)
+        tensor = None  # nothing of this shard outlives its loop (peak: one model + one shard)
     unknown += [f"{name} (int8 tensor without its {'weight' if name.endswith('.SCB') else 'SCB'})"
                 for name in int8_carry]
     problems = [f"{len(names)} {what}: {_listing(names)}" for what, names in (
@@ -479,25 +501,23 @@ NAMED_IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
 def save_converted(model, tokenizer, dst: Path, template: str, max_shard_size: str = "5GB") -> None:
     """Write an HF-native folder that plain `InternVLForConditionalGeneration.from_pretrained(dst)` and
     `AutoTokenizer.from_pretrained(dst)` load without remote code: sharded safetensors, config.json,
-    generation_config.json (greedy, eos = the template's stop token) and the tokenizer with the template as
+    generation_config.json (`configure_generation`: greedy, eos = the template's stop token) and the tokenizer with the template as
     its Jinja chat_template and the InternVL image tokens named.
     """
     dst = Path(dst)
-    stop = get_template(template).stop_token
-    stop_id = _single_token_id(tokenizer, stop)
-    if stop_id is None:
-        stop_id = tokenizer.eos_token_id
-        log.warning("%s: the tokenizer has no single token %s (template %s): generation will stop at its EOS "
-                    "token %s instead", dst, stop, template, tokenizer.eos_token)
+    if isinstance(tokenizer, SlowLlamaTokenizer):
+        log.warning(
+            "%s: template %s trains on the slow sentencepiece tokenizer's ids. Load the tokenizer with vltrain "
+            "(vltrain.model.tokenizer.load_tokenizer(dst, template=%r)); plain transformers AutoTokenizer builds a "
+            "fast one from tokenizer.model whose ids lack the '▁' (id %s) the slow one puts after BOS.",
+            dst, template, template, tokenizer.convert_tokens_to_ids("▁"))
     if getattr(model.config, "ps_version", "v2") == PS_V1:
         log.warning(
             "%s: ps_version v1 checkpoint. Load it with vltrain (vltrain.model.internvl.model_class), which "
             "uses the v1 pixel shuffle; plain transformers InternVLForConditionalGeneration.from_pretrained "
             "would run the v2 pixel shuffle (token grid transposed) and give wrong image features.", dst)
     dst.mkdir(parents=True, exist_ok=True)
-    gen = model.generation_config
-    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = stop_id, tokenizer.pad_token_id, tokenizer.bos_token_id
-    gen.do_sample = False
+    configure_generation(model, tokenizer, template)  # what vltrain's own loading sets
     model.save_pretrained(dst, max_shard_size=max_shard_size)
 
     tokenizer = copy.deepcopy(tokenizer)
@@ -510,14 +530,6 @@ def save_converted(model, tokenizer, dst: Path, template: str, max_shard_size: s
         config["tokenizer_class"] = "TokenizersBackend"
     config.update(NAMED_IMAGE_TOKENS)
     config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _single_token_id(tokenizer, token: str) -> int | None:
-    """The id of `token` as one vocabulary entry, None when the tokenizer would split it (or map it to unk)."""
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
-        return None
-    return token_id
 
 
 def _is_transformers_class(name: str | None) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -37,7 +38,10 @@ from vltrain.model.tokenizer import (
     IMAGE_CONTEXT_TOKEN,
     add_internvl_tokens,
     load_tokenizer,
+    single_token_id,
 )
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "tiny_tokenizer"
 
@@ -331,8 +335,10 @@ def folder_geometry(path: Path) -> tuple[int, int]:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{config_file}: cannot read the model config ({e})") from None
+    from vltrain.model.convert import is_original_config
+
     vision = config.get("vision_config") or {}
-    if config.get("model_type") == "internvl_chat" or "InternVLChatModel" in (config.get("architectures") or []):
+    if is_original_config(config):
         # The original model resizes its position embeddings to force_image_size when it is set.
         size = _side(config.get("force_image_size") or vision.get("image_size", 448))
         return size, tokens_per_tile(size, _side(vision.get("patch_size", 14)), config.get("downsample_ratio", 0.5))
@@ -352,8 +358,14 @@ def vision_geometry(model) -> tuple[int, int]:
 
 
 def configure_generation(model, tokenizer, template_name: str) -> None:
-    """Greedy decoding that stops at the template's separator (`<|im_end|>` / `<|end|>`)."""
-    stop_id = tokenizer.convert_tokens_to_ids(get_template(template_name).stop_token)
+    """Greedy decoding that stops at the template's separator (`<|im_end|>` / `<|end|>`), or at the tokenizer's
+    EOS token where the separator is not one token of this tokenizer (with a warning)."""
+    stop = get_template(template_name).stop_token
+    stop_id = single_token_id(tokenizer, stop)
+    if stop_id is None:
+        stop_id = tokenizer.eos_token_id
+        log.warning("the tokenizer has no single token %s (template %s): generation stops at its EOS token %s "
+                    "instead", stop, template_name, tokenizer.eos_token)
     gen = model.generation_config
     gen.eos_token_id = stop_id
     gen.pad_token_id = tokenizer.pad_token_id

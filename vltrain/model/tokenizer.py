@@ -192,3 +192,11 @@ def add_internvl_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
     InternLM2-based checkpoints ship them (ids 92544..92552, `<IMG_CONTEXT>` = 92546): nothing is added there.
     """
     return tokenizer.add_tokens(list(INTERNVL_TOKENS), special_tokens=True)
+
+
+def single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
+    """The id of `token` as one vocabulary entry, None when the tokenizer would split it (or map it to unk)."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        return None
+    return token_id

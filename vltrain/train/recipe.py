@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -15,7 +16,13 @@ from transformers import TrainingArguments, set_seed
 from vltrain.check import DataError, check_splits, enforce, outcome_from_encoded_row
 from vltrain.config import ConfigError, TrainConfig, training_defaults
 from vltrain.data.collator import Collator
-from vltrain.data.dataset import EncodedDataset, PreEncodedDataset, encode_with_datasets, load_splits
+from vltrain.data.dataset import (
+    EncodedDataset,
+    PreEncodedDataset,
+    absolute_spec,
+    encode_with_datasets,
+    load_splits,
+)
 from vltrain.data.encode import Encoder
 from vltrain.data.records import RecordError
 from vltrain.model.load import load_model, load_tokenizer_for, model_geometry, resolve_dtype, vision_geometry
@@ -56,7 +63,12 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
     set_seed(args.seed)
     tokenizer = load_tokenizer_for(cfg.model)
     encoder = make_encoder(cfg, tokenizer=tokenizer)
-    train_dataset, eval_dataset, val_records = prepare_data(cfg, encoder, run_dir)
+    # data.encode=datasets: the main process encodes first, the other ranks then open its cache.
+    encode_first = (args.main_process_first(local=False, desc="encoding the records")
+                    if cfg.data.encode == "datasets" else contextlib.nullcontext())
+    with encode_first:
+        train_dataset, eval_dataset, val_records = prepare_data(cfg, encoder, run_dir,
+                                                                write_skipped=args.process_index == 0)
 
     # Full fine-tuning keeps fp32 master weights under mixed precision; LoRA trains fp32 adapters on a base
     # held in the compute dtype.
@@ -93,9 +105,10 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
     )
 
 
-def prepare_data(cfg: TrainConfig, encoder: Encoder, run_dir: Path):
+def prepare_data(cfg: TrainConfig, encoder: Encoder, run_dir: Path, write_skipped: bool = True):
     """(train dataset, eval dataset or None, held-out records): every record read and encoded once, problems
-    handled by `data.on_error` (raise: DataError listing all; skip: rows left out, listed in skipped_rows.jsonl).
+    handled by `data.on_error` (raise: DataError listing all; skip: rows left out, listed in skipped_rows.jsonl,
+    written when `write_skipped`).
 
     `data.encode=lazy` encodes again in the DataLoader workers; `datasets` keeps this first encoding (HF datasets,
     cached in the run folder under a fingerprint) and serves samples from it.
@@ -115,9 +128,9 @@ def prepare_data(cfg: TrainConfig, encoder: Encoder, run_dir: Path):
         report = check_splits(splits, encoder, cfg.data.num_proc, read_errors)
     log.info("data check: %d records encoded in %.1fs (data.num_proc=%d)\n%s", len(train_records) + len(val_records),
              time.perf_counter() - start, cfg.data.num_proc, report.format(problems=False))
-    bad = enforce(report, cfg.data.on_error, run_dir)
-    train_records = [r for r in train_records if (r.source, r.line) not in bad]
-    val_records = [r for r in val_records if (r.source, r.line) not in bad]
+    bad = enforce(report, cfg.data.on_error, run_dir if write_skipped else None)
+    train_records = [r for r in train_records if r.key not in bad]
+    val_records = [r for r in val_records if r.key not in bad]
     if not train_records:
         raise DataError("no training rows left after leaving out the bad ones")
     if cfg.data.encode == "datasets":
@@ -163,12 +176,7 @@ def build_training_arguments(cfg: TrainConfig, run_dir: Path, world_size: int) -
 def run_config_yaml(cfg: TrainConfig) -> str:
     """The resolved config with data paths made absolute, so a checkpoint is usable from any folder."""
     data = dataclasses.asdict(cfg)
-    data["dataset"]["train"] = [_absolute_spec(s) for s in cfg.dataset.train]
-    data["dataset"]["val"] = [_absolute_spec(s) for s in cfg.dataset.val]
+    data["dataset"]["train"] = [absolute_spec(s) for s in cfg.dataset.train]
+    data["dataset"]["val"] = [absolute_spec(s) for s in cfg.dataset.val]
     data["dataset"]["demo_root"] = None
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-
-
-def _absolute_spec(spec: str) -> str:
-    path, sep, n = spec.partition("#")
-    return str(Path(path).resolve()) + sep + n

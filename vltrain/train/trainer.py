@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager, nullcontext
 
 import torch
 from transformers import Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from vltrain.data.encode import Encoder
 from vltrain.data.records import Record
@@ -13,8 +15,8 @@ from vltrain.infer.engine import answer_records, exact_match
 
 
 class VLTrainer(Trainer):
-    """Trainer that drops collator-only keys before the forward pass, runs the vision side on text-only batches
-    while it trains, and scores held-out answers."""
+    """Trainer that drops collator-only keys before the forward pass, runs the vision side on a dummy tile for
+    text-only batches where other ranks need it to, and scores held-out answers."""
 
     def __init__(self, *args, encoder: Encoder, answer_set: list[Record], max_new_tokens: int = 32, **kwargs):
         super().__init__(*args, **kwargs)
@@ -23,21 +25,22 @@ class VLTrainer(Trainer):
         self.max_new_tokens = max_new_tokens
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The batch loss. A batch without images still runs the vision tower and projector on one dummy tile
-        when either has trainable parameters, adding 0 x the sum of its features to the loss: under ZeRO-3 (and
-        DDP) every rank must run the same modules each step, or a rank with image batches waits forever on one
-        without (the official recipe's dummy image with `image_flags` 0). The loss value is unchanged and those
-        parameters get zero gradients from such a batch."""
+        """The batch loss. A batch without images still runs the vision tower and projector, on one all-zero tile,
+        where another rank may be running them on real images: under ZeRO-3 (or FSDP) always, since parameters
+        are gathered collectively and every rank must run the same modules in the same order, frozen or not,
+        in evaluation too; otherwise when they have trainable parameters (DDP needs a gradient for each, the
+        official recipe's dummy image with `image_flags` 0). See `_dummy_image`: the loss and the gradients of
+        everything else are unchanged, the vision side gets zero gradients."""
         inputs = {k: v for k, v in inputs.items() if k != "tiles_per_sample"}
-        text_only_step = model.training and inputs.get("pixel_values") is None
-        if not text_only_step or not _vision_side_trains(model):
+        dummy = inputs.get("pixel_values") is None and self._vision_must_run(model)
+        with _dummy_image(self.accelerator.unwrap_model(model)) if dummy else nullcontext():
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                             num_items_in_batch=num_items_in_batch)
-        features = _dummy_image_features(self.accelerator.unwrap_model(model), inputs["input_ids"].device)
-        loss = loss + 0.0 * features.sum()
-        return (loss, outputs) if return_outputs else loss
+
+    def _vision_must_run(self, model) -> bool:
+        if is_deepspeed_zero3_enabled() or self.is_fsdp_enabled:
+            return True
+        return model.training and _vision_side_trains(model)
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         """Loss on the held-out split, plus exact-match accuracy of greedy answers on its first rows."""
@@ -56,6 +59,26 @@ _VISION_SIDE = re.compile(r"(^|\.)(vision_tower|multi_modal_projector)\.")
 def _vision_side_trains(model: torch.nn.Module) -> bool:
     """Whether any parameter of the vision tower or the projector (LoRA adapters included) requires grad."""
     return any(p.requires_grad and _VISION_SIDE.search(name) for name, p in model.named_parameters())
+
+
+@contextmanager
+def _dummy_image(model):
+    """While active, the input embedding layer also runs the vision tower and projector on one all-zero tile and
+    adds an empty slice of the features (exactly 0) to its output. The vision side thus runs where a real image
+    batch runs it, between the embedding and the decoder layers (ZeRO-3 gathers parameters in call order), and
+    its backward comes in the same place too. The value added is 0 whatever the features hold (no 0 x inf in
+    fp16), so the loss and the gradients of the other parameters are those of the plain batch; vision and
+    projector parameters get zero gradients, as `vit_embeds[image_flags == 1]` gives them in the official code."""
+
+    def add_dummy(module, args, embeds):  # embeds: (batch, seq, text hidden size)
+        features = _dummy_image_features(model, embeds.device)
+        return embeds + features[:, :0].sum().to(embeds.device, embeds.dtype)  # device_map: another GPU
+
+    handle = model.get_input_embeddings().register_forward_hook(add_dummy)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _dummy_image_features(model, device: torch.device) -> torch.Tensor:
