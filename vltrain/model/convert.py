@@ -419,8 +419,8 @@ def load_original(path: Path, tokenizer, dtype: torch.dtype,
 
     The model is built with its parameters on the meta device; each shard is read, converted and its tensors
     assigned one by one, then dropped, so peak memory is about one model plus one shard (an int8 shard counts
-    with its weights dequantised to `dtype`). Keys the checkpoint lacks or that
-    the model does not have are reported together after the last shard, as one ConversionError.
+    with its weights dequantised to `dtype`). Keys the checkpoint lacks or that the model does not have are
+    reported together after the last shard, as one ConversionError.
     """
     from accelerate import init_empty_weights
 
@@ -501,8 +501,8 @@ NAMED_IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
 def save_converted(model, tokenizer, dst: Path, template: str, max_shard_size: str = "5GB") -> None:
     """Write an HF-native folder that plain `InternVLForConditionalGeneration.from_pretrained(dst)` and
     `AutoTokenizer.from_pretrained(dst)` load without remote code: sharded safetensors, config.json,
-    generation_config.json (`configure_generation`: greedy, eos = the template's stop token) and the tokenizer with the template as
-    its Jinja chat_template and the InternVL image tokens named.
+    generation_config.json (as `configure_generation` sets it: greedy, eos = the template's stop token) and the
+    tokenizer with the template as its Jinja chat_template and the InternVL image tokens named.
     """
     dst = Path(dst)
     if isinstance(tokenizer, SlowLlamaTokenizer):
