@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import make_tiny_original as tiny
-import torch
+import make_tiny_original as tiny  # noqa: E402
+import torch  # noqa: E402
 
 IMAGE_SIZE = 448  # InternViT-300M-448px
 VISION_300M_448 = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from vltrain.__main__ import check_overrides, compose_config
 from vltrain.config import ConfigError, TrainConfig, training_defaults, validate
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vltrain.model.load import EMBEDDED_TOKENIZER
 from vltrain.data.demo import (
     BACKGROUND,
     COLOURS,
@@ -25,6 +24,7 @@ from vltrain.data.demo import (
     question_text,
     write_demo_dataset,
 )
+from vltrain.model.load import EMBEDDED_TOKENIZER
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, N_VAL = 400, 80

@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from vltrain.data.templates import (IGNORE_INDEX, TEMPLATES, expand_image_context, get_template, render)
+from vltrain.data.templates import IGNORE_INDEX, TEMPLATES, expand_image_context, get_template, render
 from vltrain.model.tokenizer import add_internvl_tokens, load_tokenizer
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "templates_golden.json").read_text(encoding="utf-8"))
@@ -19,7 +19,7 @@ IMG = "<img><IMG_CONTEXT></img>"
 COMBOS = sorted({(c["tokenizer"], c["template"], tuple(c.get("extra_special_tokens", ()))) for c in CASES.values()})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def real_tokenizer(root: str, folder: str, template: str, extra: tuple[str, ...] = ()):
     tokenizer = load_tokenizer(Path(root) / folder, template)
     if extra:  # stand-in for a checkpoint tokenizer that defines them (Hermes-2-Theta's ChatML tokens)

@@ -292,7 +292,8 @@ def _read_frames(path: str, ref: str, num_frames: int) -> list[Image.Image]:
     except MediaError:
         raise
     except ImportError:
-        raise MediaError(f"{describe(ref)}: reading videos needs decord or PyAV (pip install 'vltrain[video]')") from None
+        raise MediaError(f"{describe(ref)}: reading videos needs decord or PyAV "
+                         "(pip install 'vltrain[video]')") from None
     except Exception as e:  # noqa: BLE001 - decord's and PyAV's many FFmpeg errors, all reported the same way
         raise _NotAVideo(f"{describe(ref)}: cannot read the video ({type(e).__name__}: {e})") from None
 

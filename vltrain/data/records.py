@@ -531,7 +531,8 @@ def _object(item, at: str, n_images: int, fail) -> GroundingObject:
         if key not in ("caption", "bbox", "bbox_type", "image"):
             fail(f"{at}.{key}", "unknown field (known: caption, bbox, bbox_type, image)")
     if not isinstance(item.get("caption"), str):
-        fail(f"{at}.caption", "missing" if "caption" not in item else f"expected a string, got {_type(item['caption'])}")
+        fail(f"{at}.caption",
+             "missing" if "caption" not in item else f"expected a string, got {_type(item['caption'])}")
     bbox_type = item.get("bbox_type", "real")
     if bbox_type not in BBOX_TYPES:
         fail(f"{at}.bbox_type", f"expected one of {', '.join(BBOX_TYPES)}, got {bbox_type!r}")
