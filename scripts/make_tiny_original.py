@@ -81,6 +81,12 @@ def _phi3_factors(n: int, low: float, high: float, seed: int) -> list[float]:
     return [round(float(v), 4) for v in values]
 
 
+INTERNLM2_AUTO_MAP = {
+    "AutoConfig": "configuration_internlm2.InternLM2Config",
+    "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+    "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+}
+
 FAMILIES: dict[str, Family] = {
     # InternVL2-2B / -8B / Mini-InternVL-Chat-2B-V1-5: InternViT-300M + internlm2(-5) chat.
     "internlm2": Family(
@@ -91,11 +97,7 @@ FAMILIES: dict[str, Family] = {
         llm={
             "_name_or_path": "internlm/internlm2-chat-1_8b", "architectures": ["InternLM2ForCausalLM"],
             "model_type": "internlm2", "attn_implementation": "flash_attention_2",
-            "auto_map": {
-                "AutoConfig": "configuration_internlm2.InternLM2Config",
-                "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
-                "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
-            },
+            "auto_map": INTERNLM2_AUTO_MAP,
             "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu", "bias": False,
             # small on purpose: the golden image prompt is longer, so dynamic NTK scaling is active there
@@ -118,11 +120,7 @@ FAMILIES: dict[str, Family] = {
         llm={
             "_name_or_path": "internlm/internlm2-chat-20b", "architectures": ["InternLM2ForCausalLM"],
             "model_type": "internlm2", "attn_implementation": "eager",
-            "auto_map": {
-                "AutoConfig": "configuration_internlm2.InternLM2Config",
-                "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
-                "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
-            },
+            "auto_map": INTERNLM2_AUTO_MAP,
             # 6 query heads on 2 KV heads: groups of 3 (the 20B has 48 on 8, groups of 6)
             "hidden_size": 96, "intermediate_size": 160, "num_hidden_layers": 2,
             "num_attention_heads": 6, "num_key_value_heads": 2, "hidden_act": "silu", "bias": False,

@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 
 from vltrain.data.demo import demo_texts  # noqa: E402
+from vltrain.model.tokenizer import INTERNVL_TOKENS  # noqa: E402
 
 DEFAULT_OUT = REPO / "vltrain" / "assets" / "tiny_tokenizer"
 # Upper bound on the regular tokens; this corpus runs out of merges first
@@ -34,9 +35,6 @@ DEFAULT_OUT = REPO / "vltrain" / "assets" / "tiny_tokenizer"
 VOCAB_SIZE = 2000
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-INTERNVL_TOKENS = [
-    "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
-]
 
 SYSTEM_MESSAGES = [
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。",
@@ -118,7 +116,7 @@ def build() -> Tokenizer:
     )
     tokenizer.train_from_iterator(corpus(), trainer=trainer)
     # Added after training so they take the ids right after the regular vocabulary.
-    tokenizer.add_special_tokens(SPECIAL_TOKENS + INTERNVL_TOKENS)
+    tokenizer.add_special_tokens(SPECIAL_TOKENS + list(INTERNVL_TOKENS))
     return tokenizer
 
 
@@ -131,7 +129,7 @@ def save(tokenizer: Tokenizer, out: Path) -> None:
         pad_token="<|endoftext|>",
         model_max_length=8192,
         clean_up_tokenization_spaces=False,
-        extra_special_tokens=SPECIAL_TOKENS[1:] + INTERNVL_TOKENS,
+        extra_special_tokens=SPECIAL_TOKENS[1:] + list(INTERNVL_TOKENS),
     )
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out))

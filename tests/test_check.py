@@ -21,7 +21,7 @@ from vltrain.check import (
     check_splits,
     enforce,
     main,
-    make_check_encoder,
+    make_encoder,
     render_plain,
     render_rich,
     tiles_grid,
@@ -103,7 +103,7 @@ def test_every_malformed_row_is_reported_on_its_line(corpus):
     cfg = compose_config(overrides(path))
     errors: list[RecordError] = []
     train, val = load_splits(cfg.dataset, errors=errors)
-    report = check_splits({"train": train, "val": val}, make_check_encoder(cfg), read_errors=errors)
+    report = check_splits({"train": train, "val": val}, make_encoder(cfg), read_errors=errors)
     got = {p.line: p for p in report.problems}
     assert sorted(got) == sorted(expected), report.format()
     for line, (field_name, words) in expected.items():
@@ -127,7 +127,7 @@ def test_skip_keeps_the_good_rows_of_a_compact_json_array(tmp_path):
     cfg = compose_config(["dataset=custom", f"dataset.train=[{path}]", "dataset.val_ratio=0", "data.max_length=512"])
     errors: list[RecordError] = []
     train, val = load_splits(cfg.dataset, errors=errors)
-    report = check_splits({"train": train, "val": val}, make_check_encoder(cfg), read_errors=errors)
+    report = check_splits({"train": train, "val": val}, make_encoder(cfg), read_errors=errors)
     assert [str(p).split(": ")[1] for p in report.problems] == ["[1].response", "[3].images", "[4].length"]
     assert all(str(p).startswith(f"{path}:1: ") for p in report.problems)
     bad = enforce(report, "skip", tmp_path)
@@ -157,7 +157,7 @@ def test_summary_numbers(good):
     train_path, val_path = good
     cfg = compose_config(["dataset=custom", f"dataset.train=[{train_path}]", f"dataset.val=[{val_path}]",
                           "model.max_tiles=6"])
-    encoder = make_check_encoder(cfg)
+    encoder = make_encoder(cfg)
     train, val = load_splits(cfg.dataset)
     report = check_splits({"train": train, "val": val}, encoder, num_proc=2)
     assert report.ok and report.problems == []
@@ -195,7 +195,7 @@ def test_show_dump_and_tiles_png(good, tmp_path, capsys):
     assert [(Path(r["source"]).name, r["line"], r["split"]) for r in rows] == \
         [("train.jsonl", 1, "train"), ("train.jsonl", 2, "train"), ("train.jsonl", 3, "train"), ("val.jsonl", 1, "val")]
     cfg = compose_config(["dataset=custom", f"dataset.train=[{train_path}]", f"dataset.val=[{val_path}]"])
-    encoder = make_check_encoder(cfg)
+    encoder = make_encoder(cfg)
     train, _ = load_splits(cfg.dataset)
     for row, record in zip(rows, train):
         sample = encoder(record)
@@ -212,7 +212,7 @@ def test_show_dump_and_tiles_png(good, tmp_path, capsys):
 def test_render_marks_trained_tokens(good):
     train_path, _ = good
     cfg = compose_config(["dataset=custom", f"dataset.train=[{train_path}]", "dataset.val_ratio=0"])
-    encoder = make_check_encoder(cfg)
+    encoder = make_encoder(cfg)
     sample = encoder(load_splits(cfg.dataset)[0][1])
     runs = token_runs(encoder.tokenizer, sample.input_ids.tolist(), sample.labels.tolist())
     assert [k for k, _ in runs] == ["masked", "image", "masked", "trained"]

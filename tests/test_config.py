@@ -108,13 +108,14 @@ def test_command_line_typo_is_caught_before_composing():
         check_overrides(["sft_type.lora_rnak=4"])
 
 
-def test_cli_reports_one_clear_error():
+def test_cli_reports_one_clear_error(tmp_path):
+    # Run from tmp_path: a value error is found inside the Hydra job, after Hydra made its run folder.
     out = subprocess.run([sys.executable, "-m", "vltrain", "model.max_tile=3"], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, cwd=tmp_path)
     assert out.returncode != 0
     assert "vltrain: config error: model.max_tile: unknown config key (did you mean 'model.max_tiles'?)" in out.stderr
     assert "Traceback" not in out.stderr
     out = subprocess.run([sys.executable, "-m", "vltrain", "model.max_tiles=many"], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, cwd=tmp_path)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "model.max_tiles" in out.stderr

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vltrain.config import ConfigError, TrainConfig, _suggest, schema_keys, training_argument_names, validate
+from vltrain.config import ConfigError, TrainConfig, schema_keys, suggest, training_argument_names, validate
 
 log = logging.getLogger("vltrain")
 
@@ -36,7 +36,7 @@ def check_overrides(argv: list[str], extra_keys: Iterable[str] = ()) -> None:
         # model.arch.* is a free-form architecture dict.
         if key.startswith("model.arch."):
             continue
-        raise ConfigError(f"{key}: unknown config key{_suggest(key, known | set(GROUPS))}")
+        raise ConfigError(f"{key}: unknown config key{suggest(key, known | set(GROUPS))}")
 
 
 def add_or_override(argv: list[str]) -> list[str]:

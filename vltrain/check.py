@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from vltrain.config import ConfigError, TrainConfig, _build, validate
+from vltrain.config import ConfigError, TrainConfig, build_dataclass, validate
 from vltrain.data.dataset import parallel_map, row_error, try_encode
 from vltrain.data.encode import IGNORE_INDEX, Encoder
 from vltrain.data.records import Record, RecordError
@@ -359,24 +359,26 @@ def compose_check(overrides: list[str]) -> tuple[TrainConfig, CheckOptions]:
     with initialize_config_module("vltrain.conf", version_base="1.3"):
         cfg = compose("check", overrides=["run_dir=outputs/check", *add_or_override(overrides)])
     data = OmegaConf.to_container(cfg, resolve=True)
-    options = _build(CheckOptions, {k: data.pop(k) for k in CHECK_KEYS if k in data}, "")
+    options = build_dataclass(CheckOptions, {k: data.pop(k) for k in CHECK_KEYS if k in data}, "")
     data.pop("recipe", None)
     return validate(data), options
 
 
-def make_check_encoder(cfg: TrainConfig) -> Encoder:
-    """The training encoder, built from the tokenizer and the model config alone (no weights)."""
-    from vltrain.model.load import load_tokenizer_for, model_geometry
+def make_encoder(cfg: TrainConfig, model=None, tokenizer=None) -> Encoder:
+    """The record encoder of a run: its template, system, tile budget and image geometry. The geometry comes from
+    `model` when given, else from the model config alone (no weights loaded); `tokenizer` None loads the model's."""
+    from vltrain.model.load import load_tokenizer_for, model_geometry, vision_geometry
 
-    tokenizer = load_tokenizer_for(cfg.model)
-    tile_size, tokens_per_tile = model_geometry(cfg.model)
+    if tokenizer is None:
+        tokenizer = load_tokenizer_for(cfg.model)
+    tile_size, tokens_per_tile = vision_geometry(model) if model is not None else model_geometry(cfg.model)
     return Encoder.from_config(cfg, tokenizer, tile_size, tokens_per_tile)
 
 
 def run_check(cfg: TrainConfig, options: CheckOptions) -> CheckReport:
     from vltrain.data.dataset import load_splits
 
-    encoder = make_check_encoder(cfg)
+    encoder = make_encoder(cfg)
     read_errors: list[RecordError] = []
     train, val = load_splits(cfg.dataset, errors=read_errors)
     splits = {"train": train, "val": val}

@@ -15,10 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-SFT_TYPES = ("lora", "full")
-PARALLEL_MODES = ("single",)
-LOGGERS = ("none", "tensorboard", "wandb")
-DTYPES = ("auto", "bf16", "fp16", "fp32")
+RUN_CONFIG = "vltrain.yaml"
+"""The resolved TrainConfig, saved in the run folder and in every checkpoint (what reloading it needs)."""
 
 
 class ConfigError(ValueError):
@@ -41,7 +39,8 @@ class ModelConfig:
     """Default system message; a record's own `system` wins. None: the template's official default
     (InternVL2's); "": no system block."""
     max_tiles: int = 12
-    """Tile budget for one image (448 px tiles, thumbnail not counted); split evenly when a sample has several."""
+    """Tile budget for one image (448 px tiles, thumbnail not counted); shared by a sample's images when
+    `data.split_tile_budget`."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Compute dtype. auto: bf16 on a GPU that supports it, else fp16 on a GPU, fp32 on CPU."""
     attn_impl: str = "sdpa"
@@ -50,9 +49,9 @@ class ModelConfig:
     """Architecture for `init: random`: `vision` and `llm` keyword dicts for the transformers configs, plus
     top-level InternVLConfig keys (`downsample_ratio`, ...)."""
     hf_id: str | None = None
-    """Hugging Face hub id of the published checkpoint (documentation and download)."""
+    """Hugging Face hub id of the published checkpoint (for the model table; downloads use `path`)."""
     ms_id: str | None = None
-    """ModelScope id of the published checkpoint."""
+    """ModelScope id of the published checkpoint (for the model table; downloads use `path` with `hub`)."""
     hub: Literal["hf", "modelscope"] = "hf"
     """Where a `path` that is not a local folder is downloaded from: Hugging Face Hub or ModelScope."""
     hub_token: str | None = None
@@ -70,6 +69,11 @@ class ModelConfig:
     def __post_init__(self):
         if self.init == "pretrained" and not self.path:
             raise ConfigError(f"model.path is required for model.init=pretrained (model '{self.name}')")
+        from vltrain.data.templates import TEMPLATES
+
+        if self.template not in TEMPLATES:
+            raise ConfigError(f"model.template: '{self.template}' is not one of {', '.join(TEMPLATES)}"
+                              f"{suggest(self.template, TEMPLATES)}")
         if self.max_tiles < 1:
             raise ConfigError(f"model.max_tiles must be >= 1, got {self.max_tiles}")
         if not 0.0 <= self.drop_path_rate < 1.0:
@@ -204,7 +208,7 @@ class TrainConfig:
         unknown = set(self.trainer) - training_argument_names()
         if unknown:
             key = sorted(unknown)[0]
-            raise ConfigError(f"trainer.{key}: not a TrainingArguments field{_suggest(key, training_argument_names())}")
+            raise ConfigError(f"trainer.{key}: not a TrainingArguments field{suggest(key, training_argument_names())}")
         if "output_dir" in self.trainer:
             raise ConfigError("trainer.output_dir: set run_dir instead (Hydra's hydra.run.dir)")
         if self.global_batch_size < 1:
@@ -240,22 +244,24 @@ def training_defaults(cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
 
 def validate(data: dict[str, Any]) -> TrainConfig:
     """Build a TrainConfig from a resolved plain dict; raises ConfigError naming the offending key."""
-    return _build(TrainConfig, data, "")
+    return build_dataclass(TrainConfig, data, "")
 
 
-def _suggest(key: str, choices) -> str:
+def suggest(key: str, choices) -> str:
+    """` (did you mean 'x'?)` for the closest of `choices`, or "" when none is close."""
     close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _build(cls, data: Any, prefix: str):
+def build_dataclass(cls, data: Any, prefix: str):
+    """`cls` from a plain mapping, each value checked against its field's type; errors name `prefix` + key."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise ConfigError(f"{prefix}{key}: unknown key{_suggest(key, names)}; valid keys: {', '.join(names)}")
+            raise ConfigError(f"{prefix}{key}: unknown key{suggest(key, names)}; valid keys: {', '.join(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -266,7 +272,7 @@ def _build(cls, data: Any, prefix: str):
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".")
+        return build_dataclass(hint, value, key + ".")
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(hint):
             try:
@@ -278,7 +284,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         choices = typing.get_args(hint)
         if value not in choices:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(map(str, choices))}"
-                              f"{_suggest(str(value), map(str, choices))}")
+                              f"{suggest(str(value), map(str, choices))}")
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):

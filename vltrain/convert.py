@@ -12,9 +12,10 @@ official training used (see vltrain.model.convert).
 
 from __future__ import annotations
 
-import difflib
 import logging
 import sys
+
+from vltrain.config import suggest
 
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -32,9 +33,7 @@ def parse(argv: list[str]) -> dict:
             for arg in argv:
                 key = arg.split("=", 1)[0].lstrip("+~")
                 if key not in known:
-                    close = difflib.get_close_matches(key, known, n=1)
-                    hint = f" (did you mean '{close[0]}'?)" if close else ""
-                    raise ValueError(f"{key}: unknown key{hint}; valid keys: {', '.join(known)}")
+                    raise ValueError(f"{key}: unknown key{suggest(key, known)}; valid keys: {', '.join(known)}")
             cfg = compose("convert", overrides=list(argv))
     except HydraException as e:
         raise ValueError(str(e).splitlines()[0]) from None

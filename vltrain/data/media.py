@@ -41,7 +41,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "vltrain" / "media"
+from vltrain.config import DataConfig
+
+DEFAULT_CACHE = Path("~/.cache/vltrain/media")
 _CHUNK = 1 << 16
 _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 _DATA_URI = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(;[^;,]*)*),", re.IGNORECASE)
@@ -63,17 +65,17 @@ class MediaOptions:
 
     cache_dir: Path | None = None
     """Folder of fetched URLs; None: ~/.cache/vltrain/media."""
-    timeout: float = 20.0
+    timeout: float = DataConfig.url_timeout
     """Seconds per attempt, for the connection and for the whole body."""
-    retries: int = 2
+    retries: int = DataConfig.url_retries
     """Extra attempts after a transient failure (timeout, dropped connection, HTTP 408/429/5xx)."""
-    max_bytes: int = 50_000_000
+    max_bytes: int = DataConfig.url_max_bytes
     """Largest body a URL may return."""
     backoff: float = 0.5
     """Seconds before the first retry; doubled before each later one."""
 
     @classmethod
-    def from_config(cls, data) -> MediaOptions:
+    def from_config(cls, data: DataConfig) -> MediaOptions:
         """From a `DataConfig` (`media_cache`, `url_timeout`, `url_retries`, `url_max_bytes`)."""
         return cls(
             cache_dir=Path(data.media_cache).expanduser() if data.media_cache else None,
@@ -144,7 +146,7 @@ class _Permanent(Exception):
 def cache_path(url: str, options: MediaOptions | None = None) -> Path:
     """Where `url` is (or will be) cached: `<cache_dir>/<sha256 of the URL><suffix of its path>`."""
     options = options or MediaOptions()
-    folder = Path(options.cache_dir) if options.cache_dir else DEFAULT_CACHE_DIR
+    folder = Path(options.cache_dir) if options.cache_dir else DEFAULT_CACHE.expanduser()
     suffix = _SUFFIX.search(urllib.parse.urlsplit(url).path)
     return folder / (hashlib.sha256(url.encode("utf-8")).hexdigest() + (suffix[0].lower() if suffix else ""))
 

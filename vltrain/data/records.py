@@ -287,23 +287,7 @@ def parse_row(row, source: str, line: int, base_dir: Path, *, row_number: int = 
     def fail(field_name: str, message: str):
         raise RecordError(source, line, prefix + field_name, message, row_number)
 
-    if not isinstance(row, dict):
-        fail("row", f"expected a JSON object, got {_type(row)}")
-    forms = [name for name, keys in (("ms-swift", ("query", "response", "history")), ("messages", ("messages",)),
-                                     ("conversations", ("conversations",))) if any(k in row for k in keys)]
-    if len(forms) > 1:
-        fail("row", f"mixes the {forms[0]} and {forms[1]} formats; a row uses one of them")
-    if not forms:
-        fail("row", "no conversation: expected query/response, messages or conversations (the row has "
-                    f"{', '.join(map(repr, row)) or 'no fields'})")
-    form = forms[0]
-    known = {"ms-swift": SWIFT_FIELDS, "messages": MESSAGES_FIELDS, "conversations": CONVERSATIONS_FIELDS}[form]
-    for key in row:
-        if key not in known:
-            hint = UNSUPPORTED.get(key) or (f"a {form} row puts the system prompt in a system turn"
-                                            if key == "system" else f"known in a {form} row: {', '.join(known)}")
-            fail(key, f"unknown field ({hint})")
-
+    form = _row_format(row, fail)
     if form == "ms-swift":
         system, rounds = _swift_turns(row, fail)
     else:
@@ -334,17 +318,7 @@ def parse_row(row, source: str, line: int, base_dir: Path, *, row_number: int = 
             fail(name, problem)
 
     objects = _objects(row.get("objects"), len(images), fail)
-    texts = [t for pair in rounds for t in pair]
-    if system and grounding_placeholders(system.text):
-        fail(system.field, f"{grounding_placeholders(system.text)[0]} in the system prompt: placeholders belong in "
-                           "the turns")
-    placeholders = [t for t in texts if grounding_placeholders(t.text)]
-    if placeholders and not objects:
-        fail(placeholders[0].field, f"{grounding_placeholders(placeholders[0].text)[0]} placeholder but the row has "
-                                    "no objects")
-    if objects and not placeholders:
-        fail("objects", f"{len(objects)} object{'s' if len(objects) != 1 else ''} but no {REF_PLACEHOLDER} or "
-                        f"{BOX_PLACEHOLDER} placeholder in the turns to use them")
+    _check_placeholders(system, rounds, objects, fail)
 
     # How the row spells the fields that the encoder names in ms-swift terms.
     spelled = {"images": image_field, "videos": video_field, **({"system": system.field} if system else {})}
@@ -370,6 +344,41 @@ def parse_row(row, source: str, line: int, base_dir: Path, *, row_number: int = 
         row=row_number,
         field_names=field_names,
     )
+
+
+def _row_format(row, fail) -> str:
+    """`ms-swift`, `messages` or `conversations`: the one format of the row, whose fields are all known."""
+    if not isinstance(row, dict):
+        fail("row", f"expected a JSON object, got {_type(row)}")
+    forms = [name for name, keys in (("ms-swift", ("query", "response", "history")), ("messages", ("messages",)),
+                                     ("conversations", ("conversations",))) if any(k in row for k in keys)]
+    if len(forms) > 1:
+        fail("row", f"mixes the {forms[0]} and {forms[1]} formats; a row uses one of them")
+    if not forms:
+        fail("row", "no conversation: expected query/response, messages or conversations (the row has "
+                    f"{', '.join(map(repr, row)) or 'no fields'})")
+    form = forms[0]
+    known = {"ms-swift": SWIFT_FIELDS, "messages": MESSAGES_FIELDS, "conversations": CONVERSATIONS_FIELDS}[form]
+    for key in row:
+        if key not in known:
+            hint = UNSUPPORTED.get(key) or (f"a {form} row puts the system prompt in a system turn"
+                                            if key == "system" else f"known in a {form} row: {', '.join(known)}")
+            fail(key, f"unknown field ({hint})")
+    return form
+
+
+def _check_placeholders(system: _Text | None, rounds: list[tuple[_Text, _Text]], objects, fail) -> None:
+    """Grounding placeholders stand in the turns only, and appear exactly when the row has objects."""
+    if system and grounding_placeholders(system.text):
+        fail(system.field, f"{grounding_placeholders(system.text)[0]} in the system prompt: placeholders belong in "
+                           "the turns")
+    placeholders = [t for pair in rounds for t in pair if grounding_placeholders(t.text)]
+    if placeholders and not objects:
+        fail(placeholders[0].field, f"{grounding_placeholders(placeholders[0].text)[0]} placeholder but the row has "
+                                    "no objects")
+    if objects and not placeholders:
+        fail("objects", f"{len(objects)} object{'s' if len(objects) != 1 else ''} but no {REF_PLACEHOLDER} or "
+                        f"{BOX_PLACEHOLDER} placeholder in the turns to use them")
 
 
 def _type(value) -> str:

@@ -6,6 +6,10 @@ resize the image once to ``(tile_size * cols, tile_size * rows)``, cut it into t
 append a whole-image thumbnail when there is more than one tile, and normalise with the
 ImageNet mean/std. Results are proven equal to the official implementation by
 ``tests/test_tiling.py`` against ``tests/data/tiling_golden.json``.
+
+The encoder uses ``tile_pixels`` (uint8 tiles cut out of one array) and ``normalise``;
+``tile_image`` + ``tiles_to_tensor`` are the same steps one PIL crop per tile, kept as the
+readable reference that ``tile_pixels`` is tested against.
 """
 
 from __future__ import annotations

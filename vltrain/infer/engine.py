@@ -7,6 +7,7 @@ import torch
 from vltrain.data.collator import collate
 from vltrain.data.encode import Encoder
 from vltrain.data.records import Record
+from vltrain.model.load import stop_token_id
 
 
 @torch.no_grad()
@@ -19,7 +20,7 @@ def answer_records(model, encoder: Encoder, records: list[Record], max_new_token
     device = next(model.parameters()).device
     # Passed on every call: transformers' Trainer re-aligns generation_config.eos_token_id with the tokenizer's
     # EOS (`</s>` for InternLM2), which is not where InternVL's templates stop.
-    stop_id = tokenizer.convert_tokens_to_ids(encoder.template.stop_token)
+    stop_id = stop_token_id(tokenizer, encoder.template.name)
     answers = []
     try:
         for start in range(0, len(records), batch_size):

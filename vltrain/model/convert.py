@@ -34,6 +34,7 @@ import dataclasses
 import json
 import logging
 import math
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,15 +49,16 @@ from transformers import (
     Qwen2Config,
 )
 
+from vltrain.config import ConfigError
 from vltrain.data.templates import chat_template_jinja, get_template
 from vltrain.model.internvl import PS_V1, model_class
-from vltrain.model.load import configure_generation
+from vltrain.model.load import configure_generation, tokens_per_tile
 from vltrain.model.tokenizer import IMAGE_CONTEXT_TOKEN, SlowLlamaTokenizer, single_token_id
 
 log = logging.getLogger(__name__)
 
 
-class ConversionError(ValueError):
+class ConversionError(ConfigError):
     """An original checkpoint that cannot be converted; the message names the file and the keys."""
 
 
@@ -105,9 +107,9 @@ def is_original_config(config: dict) -> bool:
 
 def convert_config(original: dict, image_token_id: int) -> InternVLConfig:
     """The native InternVLConfig of an original `InternVLChatConfig` dict (config.json as published)."""
-    top = {**ORIGINAL_DEFAULTS, **{k: v for k, v in original.items() if v is not None}}
-    vision = {**ORIGINAL_VISION_DEFAULTS, **(original.get("vision_config") or {})}
-    image_size = original.get("force_image_size") or vision["image_size"]
+    top = _top_level(original)
+    vision = _vision(original)
+    image_size, tokens = original_geometry(original)
     patch_size = vision["patch_size"]
     if vision["qk_normalization"] and not math.isclose(vision["layer_norm_eps"], 1e-6):
         # transformers' vision q_norm/k_norm use a fixed eps of 1e-6.
@@ -139,7 +141,7 @@ def convert_config(original: dict, image_token_id: int) -> InternVLConfig:
         vision_config=vision_config,
         text_config=text_config(original.get("llm_config") or {}),
         image_token_id=image_token_id,
-        image_seq_length=int((image_size // patch_size) ** 2 * ratio**2),
+        image_seq_length=tokens,
         downsample_ratio=ratio,
         projector_hidden_act="gelu",
         vision_feature_layer=top["select_layer"],
@@ -148,6 +150,22 @@ def convert_config(original: dict, image_token_id: int) -> InternVLConfig:
         ps_version=top["ps_version"],
     )
     return config
+
+
+def _top_level(original: dict) -> dict:
+    return {**ORIGINAL_DEFAULTS, **{k: v for k, v in original.items() if v is not None}}
+
+
+def _vision(original: dict) -> dict:
+    return {**ORIGINAL_VISION_DEFAULTS, **(original.get("vision_config") or {})}
+
+
+def original_geometry(original: dict) -> tuple[int, int]:
+    """(tile size in pixels, `<IMG_CONTEXT>` tokens per tile) of an original config.json dict: the model resizes
+    its position embeddings to `force_image_size` when that is set; absent keys take the original class defaults."""
+    vision = _vision(original)
+    image_size = original.get("force_image_size") or vision["image_size"]
+    return image_size, tokens_per_tile(image_size, vision["patch_size"], _top_level(original)["downsample_ratio"])
 
 
 def llm_family(llm: dict) -> str:
@@ -355,15 +373,25 @@ def shard_files(path: Path) -> list[Path]:
 
 
 def read_shard(file: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one shard, on CPU. `.bin` files are read with weights_only (no pickled code runs)."""
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """All tensors of one shard, on CPU. `.bin` files are read with weights_only (no pickled code runs). A file that
+    cannot be read (truncated, corrupt, pickled objects other than tensors) is a ConversionError naming it."""
+    from safetensors import SafetensorError
 
-        return load_file(file, device="cpu")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a legacy (pre-zipfile) .bin cannot be memory-mapped
-        return torch.load(file, map_location="cpu", weights_only=True)
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(file, device="cpu")
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (pre-zipfile) .bin cannot be memory-mapped
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConversionError(f"{file}: not a torch weight file, or it holds pickled objects besides tensors "
+                              "(.bin files are read with torch.load(weights_only=True))") from None
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise ConversionError(f"{file}: cannot read the weights ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
 
 
 def dequantize_int8(shard: dict[str, torch.Tensor], carry: dict[str, torch.Tensor],

@@ -59,7 +59,7 @@ def _looks_like_a_path(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or "\\" in path
 
 
-def _access_advice(repo_id: str, page: str) -> str:
+def _access_advice(page: str) -> str:
     return (f"If it is gated, apply for access on the model page {page}; then log in (`hf auth login`) or pass "
             f"`model.hub_token=<token>` (or set HF_TOKEN); {LOCAL_COPY_ADVICE}.")
 
@@ -69,7 +69,6 @@ def _from_huggingface(repo_id: str, token: str | None, files: list[str] | None) 
     from huggingface_hub.errors import (
         GatedRepoError,
         HFValidationError,
-        LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -78,15 +77,11 @@ def _from_huggingface(repo_id: str, token: str | None, files: list[str] | None) 
     cache = _hf_cache()  # from the environment now, not when huggingface_hub was imported
     try:
         if hub_offline():
-            try:
-                return Path(snapshot_download(repo_id, token=token, allow_patterns=files, cache_dir=cache,
-                                              local_files_only=True))
-            except LocalEntryNotFoundError:
-                raise HubError(
-                    f"model.path={repo_id}: not a local folder, and the hub is offline (HF_HUB_OFFLINE=1) with no "
-                    f"copy of it in the cache ({cache}). Download it where there is a connection "
-                    f"(`hf download {repo_id}`), unset HF_HUB_OFFLINE, {LOCAL_COPY_ADVICE}."
-                ) from None
+            return _cached_snapshot(
+                repo_id, token, files, cache,
+                missing=f"model.path={repo_id}: not a local folder, and the hub is offline (HF_HUB_OFFLINE=1) with "
+                        f"no copy of it in the cache ({cache}). Download it where there is a connection "
+                        f"(`hf download {repo_id}`), unset HF_HUB_OFFLINE, {LOCAL_COPY_ADVICE}.")
         try:
             # Bounded: huggingface_hub's own repo_info call in snapshot_download has no timeout.
             info = HfApi(token=token).model_info(repo_id, timeout=HUB_TIMEOUT_S, files_metadata=False)
@@ -99,23 +94,19 @@ def _from_huggingface(repo_id: str, token: str | None, files: list[str] | None) 
         except RepositoryNotFoundError:
             raise HubError(
                 f"model.path={repo_id}: not a local folder and not a model on the Hugging Face Hub that this token "
-                f"can see. Check the id ({page}). {_access_advice(repo_id, page)}"
+                f"can see. Check the id ({page}). {_access_advice(page)}"
             ) from None
         except _network_errors() as e:  # no connection, timeout, proxy, hub down (5xx), or a refused token
             status = getattr(getattr(e, "response", None), "status_code", None)
             if status in (401, 403):
                 raise HubError(f"model.path={repo_id}: the Hugging Face Hub refused the request ({status}: "
                                f"{_first_line(e)}); the token is invalid or has no access. "
-                               f"{_access_advice(repo_id, page)}") from None
-            try:
-                return Path(snapshot_download(repo_id, token=token, allow_patterns=files, cache_dir=cache,
-                                              local_files_only=True))
-            except LocalEntryNotFoundError:
-                raise HubError(
-                    f"model.path={repo_id}: cannot reach the Hugging Face Hub ({type(e).__name__}: "
-                    f"{_first_line(e)}) and there is no copy in the cache ({cache}). Check the connection "
-                    f"(proxy, HF_ENDPOINT), {LOCAL_COPY_ADVICE}."
-                ) from None
+                               f"{_access_advice(page)}") from None
+            return _cached_snapshot(
+                repo_id, token, files, cache,
+                missing=f"model.path={repo_id}: cannot reach the Hugging Face Hub ({type(e).__name__}: "
+                        f"{_first_line(e)}) and there is no copy in the cache ({cache}). Check the connection "
+                        f"(proxy, HF_ENDPOINT), {LOCAL_COPY_ADVICE}.")
         names = [s.rfilename for s in info.siblings or []]
         ignore = _ALWAYS_IGNORED + (_NOT_WEIGHTS_WHEN_SAFETENSORS if any(n.endswith(".safetensors") for n in names)
                                     else [])
@@ -128,6 +119,18 @@ def _from_huggingface(repo_id: str, token: str | None, files: list[str] | None) 
     except _network_errors() as e:  # during the file downloads
         raise HubError(f"model.path={repo_id}: download from {page} failed ({type(e).__name__}: {_first_line(e)}); "
                        f"run again to resume, {LOCAL_COPY_ADVICE}.") from None
+
+
+def _cached_snapshot(repo_id: str, token: str | None, files: list[str] | None, cache: str, missing: str) -> Path:
+    """The snapshot of `repo_id` already in the cache, without asking the hub; HubError(`missing`) when none is."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, token=token, allow_patterns=files, cache_dir=cache,
+                                      local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise HubError(missing) from None
 
 
 def _from_modelscope(model_id: str, token: str | None, files: list[str] | None) -> Path:

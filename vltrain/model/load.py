@@ -121,7 +121,11 @@ def load_tokenizer_for(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         source = EMBEDDED_TOKENIZER
     else:
         source = resolve_model_path(str(source), cfg.hub, cfg.hub_token, files=TOKENIZER_FILES)
-    tokenizer = load_tokenizer(source, template=cfg.template)
+    try:
+        tokenizer = load_tokenizer(source, template=cfg.template)
+    except (ValueError, OSError) as e:  # no or unusable tokenizer files: a wrong folder, not a bug
+        key = "model.tokenizer" if cfg.tokenizer else "model.path"
+        raise ConfigError(f"{key}: {e}") from None
     add_internvl_tokens(tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -189,8 +193,13 @@ def _load_folder(path: Path, tokenizer, dtype: torch.dtype, cfg: ModelConfig) ->
         kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD,
                                                             llm_int8_skip_modules=INT8_SKIP_MODULES),
                   "device_map": {"": int8_device()}}
-    return _model_class(config).from_pretrained(path, config=config, dtype=dtype,
-                                                attn_implementation=cfg.attn_impl, **kwargs)
+    from safetensors import SafetensorError
+
+    try:
+        return _model_class(config).from_pretrained(path, config=config, dtype=dtype,
+                                                    attn_implementation=cfg.attn_impl, **kwargs)
+    except (OSError, SafetensorError) as e:  # no weights in the folder, an unreadable shard
+        raise ConfigError(f"model.path={path}: {str(e).strip().splitlines()[0]}") from None
 
 
 def internvl_folder_config(path: Path) -> InternVLConfig:
@@ -335,13 +344,11 @@ def folder_geometry(path: Path) -> tuple[int, int]:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{config_file}: cannot read the model config ({e})") from None
-    from vltrain.model.convert import is_original_config
+    from vltrain.model.convert import is_original_config, original_geometry
 
-    vision = config.get("vision_config") or {}
     if is_original_config(config):
-        # The original model resizes its position embeddings to force_image_size when it is set.
-        size = _side(config.get("force_image_size") or vision.get("image_size", 448))
-        return size, tokens_per_tile(size, _side(vision.get("patch_size", 14)), config.get("downsample_ratio", 0.5))
+        return original_geometry(config)
+    vision = config.get("vision_config") or {}
     if config.get("model_type") != "internvl" or "image_seq_length" not in config:
         raise ConfigError(f"{config_file}: not an InternVL config (model_type '{config.get('model_type')}')")
     return _side(vision.get("image_size", 448)), int(config["image_seq_length"])
@@ -357,15 +364,22 @@ def vision_geometry(model) -> tuple[int, int]:
     return config.vision_config.image_size[0], config.image_seq_length
 
 
-def configure_generation(model, tokenizer, template_name: str) -> None:
-    """Greedy decoding that stops at the template's separator (`<|im_end|>` / `<|end|>`), or at the tokenizer's
-    EOS token where the separator is not one token of this tokenizer (with a warning)."""
+def stop_token_id(tokenizer, template_name: str, warn: bool = False) -> int:
+    """The id generation stops at: the template's separator (`<|im_end|>` / `<|end|>`), or the tokenizer's EOS
+    token where the separator is not one token of this tokenizer (logged when `warn`)."""
     stop = get_template(template_name).stop_token
     stop_id = single_token_id(tokenizer, stop)
-    if stop_id is None:
-        stop_id = tokenizer.eos_token_id
+    if stop_id is not None:
+        return stop_id
+    if warn:
         log.warning("the tokenizer has no single token %s (template %s): generation stops at its EOS token %s "
                     "instead", stop, template_name, tokenizer.eos_token)
+    return tokenizer.eos_token_id
+
+
+def configure_generation(model, tokenizer, template_name: str) -> None:
+    """Greedy decoding that stops at `stop_token_id`."""
+    stop_id = stop_token_id(tokenizer, template_name, warn=True)
     gen = model.generation_config
     gen.eos_token_id = stop_id
     gen.pad_token_id = tokenizer.pad_token_id
@@ -391,12 +405,12 @@ def load_checkpoint(ckpt_dir: str | Path):
     import yaml
     from peft import PeftModel
 
-    from vltrain.config import validate
+    from vltrain.config import RUN_CONFIG, validate
 
     ckpt = Path(ckpt_dir)
-    run_config = ckpt / "vltrain.yaml"
+    run_config = ckpt / RUN_CONFIG
     if not run_config.is_file():
-        raise FileNotFoundError(f"{ckpt}: not a vltrain checkpoint (no vltrain.yaml)")
+        raise FileNotFoundError(f"{ckpt}: not a vltrain checkpoint (no {RUN_CONFIG})")
     cfg = validate(yaml.safe_load(run_config.read_text(encoding="utf-8")))
     tokenizer = load_tokenizer(ckpt, template=cfg.model.template)
     dtype = resolve_dtype(cfg.model.dtype)

@@ -105,9 +105,17 @@ def load_tokenizer(path: str | Path, template: str | None = None) -> PreTrainedT
             f"{config_file}: tokenizer_class '{config['tokenizer_class']}' is remote code, which vltrain does not "
             "run, and the folder has neither tokenizer.json nor tokenizer.model to build it from"
         )
+    if not any(_is_tokenizer_source(p.name) for p in path.iterdir() if p.is_file()):
+        raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...)")
     if cls is not None:
         return cls.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def _is_tokenizer_source(name: str) -> bool:
+    """A file a tokenizer can be built from (tokenizer_config.json only names the class)."""
+    return (name.startswith(("tokenizer", "vocab")) and name != "tokenizer_config.json") or name.endswith(
+        (".model", ".tiktoken", "merges.txt"))
 
 
 def _transformers_class(config: dict) -> type | None:

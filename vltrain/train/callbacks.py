@@ -8,6 +8,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from vltrain.config import RUN_CONFIG
+
 
 class JsonlLogger(TrainerCallback):
     """Appends every logged dict, with step, epoch and elapsed seconds, to `<run_dir>/logging.jsonl`."""
@@ -49,7 +51,7 @@ class CheckpointRunFiles(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            (ckpt / "vltrain.yaml").write_text(self.text, encoding="utf-8")
+            (ckpt / RUN_CONFIG).write_text(self.text, encoding="utf-8")
 
 
 def plot_history(history: list[dict], path: Path) -> None:

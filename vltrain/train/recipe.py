@@ -13,8 +13,8 @@ import torch
 import yaml
 from transformers import TrainingArguments, set_seed
 
-from vltrain.check import DataError, check_splits, enforce, outcome_from_encoded_row
-from vltrain.config import ConfigError, TrainConfig, training_defaults
+from vltrain.check import DataError, check_splits, enforce, make_encoder, outcome_from_encoded_row
+from vltrain.config import RUN_CONFIG, ConfigError, TrainConfig, training_defaults
 from vltrain.data.collator import Collator
 from vltrain.data.dataset import (
     EncodedDataset,
@@ -25,14 +25,13 @@ from vltrain.data.dataset import (
 )
 from vltrain.data.encode import Encoder
 from vltrain.data.records import RecordError
-from vltrain.model.load import load_model, load_tokenizer_for, model_geometry, resolve_dtype, vision_geometry
+from vltrain.model.load import load_model, load_tokenizer_for, resolve_dtype, vision_geometry
 from vltrain.model.tuning import apply_sft, trainable_summary
 from vltrain.train.callbacks import CheckpointRunFiles, JsonlLogger, LossPlot
 from vltrain.train.trainer import VLTrainer
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG = "vltrain.yaml"
 BASE_MODEL_DIR = "base_model"
 
 
@@ -140,13 +139,6 @@ def prepare_data(cfg: TrainConfig, encoder: Encoder, run_dir: Path, write_skippe
         def make(records):
             return EncodedDataset(records, encoder)
     return make(train_records), (make(val_records) if val_records else None), val_records
-
-
-def make_encoder(cfg: TrainConfig, model=None, tokenizer=None) -> Encoder:
-    """The record encoder for this model: its template, system, tile budget and image geometry. The geometry
-    comes from `model` when given, else from the model config alone (no weights loaded)."""
-    tile_size, tokens_per_tile = vision_geometry(model) if model is not None else model_geometry(cfg.model)
-    return Encoder.from_config(cfg, tokenizer, tile_size, tokens_per_tile)
 
 
 def build_training_arguments(cfg: TrainConfig, run_dir: Path, world_size: int) -> TrainingArguments:
