@@ -263,10 +263,14 @@ def test_dummy_runs_the_vision_side_where_an_image_batch_runs_it(tmp_path):
     assert text_only == with_images
 
 
-def test_no_dummy_when_the_vision_side_is_frozen_or_in_eval(tmp_path):
-    model = build().train()
+def train_llm_only(model) -> None:
     for name, p in model.named_parameters():
         p.requires_grad_("language_model" in name or "lm_head" in name)
+
+
+def test_no_dummy_when_the_vision_side_is_frozen_or_in_eval(tmp_path):
+    model = build().train()
+    train_llm_only(model)
     trainer = make_trainer(model, tmp_path)
     calls = count_vision_calls(model)
     trainer.compute_loss(model, text_batch()).backward()
@@ -287,8 +291,7 @@ def test_zero3_runs_the_dummy_frozen_or_not_in_training_and_in_eval(tmp_path, mo
     """Frozen parameters are partitioned too: a rank that skips the vision tower leaves the others waiting."""
     monkeypatch.setattr(trainer_module, "is_deepspeed_zero3_enabled", lambda: True)
     model = build().train()
-    for name, p in model.named_parameters():
-        p.requires_grad_("language_model" in name or "lm_head" in name)
+    train_llm_only(model)
     trainer = make_trainer(model, tmp_path)
     calls = count_vision_calls(model)
     trainer.compute_loss(model, text_batch()).backward()

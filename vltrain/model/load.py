@@ -328,11 +328,11 @@ def model_geometry(cfg: ModelConfig) -> tuple[int, int]:
     `init: random`, else from the checkpoint's config.json (only that file is fetched for a hub id)."""
     if cfg.init == "random":
         try:
-            vision = cfg.arch["vision"]
+            vision = InternVLVisionConfig(**cfg.arch["vision"])
         except KeyError:
             raise ConfigError(f"model.arch of '{cfg.name}' lacks 'vision'") from None
-        size, patch = _side(vision.get("image_size", 448)), _side(vision.get("patch_size", 14))
-        return size, tokens_per_tile(size, patch, cfg.arch.get("downsample_ratio", 0.5))
+        size = vision.image_size[0]
+        return size, tokens_per_tile(size, vision.patch_size[0], cfg.arch.get("downsample_ratio", 0.5))
     path = resolve_model_path(cfg.path, cfg.hub, cfg.hub_token, files=["config.json"])
     return folder_geometry(path)
 

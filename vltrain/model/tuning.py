@@ -57,16 +57,22 @@ def apply_sft(model: torch.nn.Module, cfg: SftConfig) -> torch.nn.Module:
     return model
 
 
-def trainable_summary(model: torch.nn.Module) -> str:
-    """`trainable 37,504 / 431,104 (8.70%)` plus the per-part breakdown of trainable parameters."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+def trainable_parts(model: torch.nn.Module) -> dict[str, int]:
+    """Trainable parameters per part (`vision`, `projector`, `llm`; LoRA adapters count for the part they adapt),
+    for the model or its PeftModel."""
     per_part: dict[str, int] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             part = part_of(_base_name(name))
             per_part[part] = per_part.get(part, 0) + p.numel()
-    parts = ", ".join(f"{k} {v:,}" for k, v in per_part.items())
+    return per_part
+
+
+def trainable_summary(model: torch.nn.Module) -> str:
+    """`trainable 37,504 / 431,104 (8.70%)` plus the per-part breakdown of trainable parameters."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    parts = ", ".join(f"{k} {v:,}" for k, v in trainable_parts(model).items())
     return f"trainable {trainable:,} / {total:,} ({100 * trainable / total:.2f}%): {parts}"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -12,6 +11,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from vltrain.data.encode import Encoder
 from vltrain.data.records import Record
 from vltrain.infer.engine import answer_records, exact_match
+from vltrain.model.tuning import trainable_parts
 
 
 class VLTrainer(Trainer):
@@ -40,7 +40,10 @@ class VLTrainer(Trainer):
     def _vision_must_run(self, model) -> bool:
         if is_deepspeed_zero3_enabled() or self.is_fsdp_enabled:
             return True
-        return model.training and _vision_side_trains(model)
+        if not model.training:
+            return False
+        trains = trainable_parts(self.accelerator.unwrap_model(model))
+        return "vision" in trains or "projector" in trains
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         """Loss on the held-out split, plus exact-match accuracy of greedy answers on its first rows."""
@@ -51,14 +54,6 @@ class VLTrainer(Trainer):
             self.log(score)
             metrics.update(score)
         return metrics
-
-
-_VISION_SIDE = re.compile(r"(^|\.)(vision_tower|multi_modal_projector)\.")
-
-
-def _vision_side_trains(model: torch.nn.Module) -> bool:
-    """Whether any parameter of the vision tower or the projector (LoRA adapters included) requires grad."""
-    return any(p.requires_grad and _VISION_SIDE.search(name) for name, p in model.named_parameters())
 
 
 @contextmanager
