@@ -13,24 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from vltrain.__main__ import compose_config
-from vltrain.check import (
-    SKIPPED_ROWS,
-    DataError,
-    check_records,
-    check_splits,
-    enforce,
-    main,
-    make_encoder,
-    render_plain,
-    render_rich,
-    tiles_grid,
-    token_runs,
-)
+from vltrain.check import main, render_plain, render_rich, tiles_grid, token_runs
+from vltrain.cli import compose_config
+from vltrain.data.check import SKIPPED_ROWS, DataError, check_records, check_splits, enforce
 from vltrain.data.dataset import load_splits
 from vltrain.data.encode import IGNORE_INDEX
 from vltrain.data.records import RecordError
 from vltrain.data.tiling import image_to_pixel_values
+from vltrain.model.load import make_encoder
 
 REPO = Path(__file__).resolve().parent.parent
 

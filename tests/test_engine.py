@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from vltrain.__main__ import compose_config
+from vltrain.cli import compose_config
 from vltrain.data.records import Record
 from vltrain.infer.engine import answer_records, exact_match
-from vltrain.model.load import load_model_tokenizer
-from vltrain.train.recipe import make_encoder
+from vltrain.model.load import load_model_tokenizer, make_encoder
 
 
 def test_answers_stop_at_the_template_separator(monkeypatch):

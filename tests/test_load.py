@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from vltrain.__main__ import compose_config
+from vltrain.cli import compose_config
 from vltrain.config import ConfigError
+from vltrain.model.geometry import model_geometry
 from vltrain.model.internvl import InternVLPsV1ForConditionalGeneration, drop_path_rates
 from vltrain.model.load import (
     INT8_SKIP_MODULES,
     load_model,
     load_model_tokenizer,
     load_tokenizer_for,
-    model_geometry,
 )
 from vltrain.models import MODEL_TYPES, PUBLISHED_PARAMS_B, count_parameters, load_model_config
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from vltrain.__main__ import compose_config
+from vltrain.cli import compose_config
 from vltrain.models import (
     MODEL_TYPES,
     PUBLISHED_PARAMS_B,

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from vltrain.__main__ import compose_config
+from vltrain.cli import compose_config
 from vltrain.config import TrainConfig
 from vltrain.data.collator import collate
 from vltrain.data.dataset import load_splits
 from vltrain.data.demo import write_demo_dataset
-from vltrain.model.load import load_checkpoint, load_model_tokenizer
-from vltrain.train.recipe import build_trainer, make_encoder
+from vltrain.model.load import load_checkpoint, load_model_tokenizer, make_encoder
+from vltrain.train.recipe import build_trainer
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from vltrain.__main__ import compose_config
+from vltrain.cli import compose_config
 from vltrain.config import SftConfig
 from vltrain.model.load import load_model_tokenizer
 from vltrain.model.tuning import PARTS, apply_sft, default_lora_regex, part_of, trainable_summary

@@ -7,7 +7,7 @@ import torch
 from vltrain.data.collator import collate
 from vltrain.data.encode import Encoder
 from vltrain.data.records import Record
-from vltrain.model.load import stop_token_id
+from vltrain.model.generation import stop_token_id
 
 
 @torch.no_grad()

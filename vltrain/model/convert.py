@@ -51,8 +51,9 @@ from transformers import (
 
 from vltrain.config import ConfigError
 from vltrain.data.templates import chat_template_jinja, get_template
+from vltrain.model.generation import configure_generation
+from vltrain.model.geometry import tokens_per_tile
 from vltrain.model.internvl import PS_V1, model_class
-from vltrain.model.load import configure_generation, tokens_per_tile
 from vltrain.model.tokenizer import IMAGE_CONTEXT_TOKEN, SlowLlamaTokenizer, single_token_id
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ Typical use, tokenizer first so that the data can be checked before any weight i
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 from pathlib import Path
@@ -32,14 +31,11 @@ from transformers import (
 )
 
 from vltrain.config import ConfigError, ModelConfig
-from vltrain.data.templates import get_template
+from vltrain.data.encode import Encoder
+from vltrain.model.generation import configure_generation
+from vltrain.model.geometry import model_geometry, tokens_per_tile, vision_geometry
 from vltrain.model.hub import resolve_model_path
-from vltrain.model.tokenizer import (
-    IMAGE_CONTEXT_TOKEN,
-    add_internvl_tokens,
-    load_tokenizer,
-    single_token_id,
-)
+from vltrain.model.tokenizer import IMAGE_CONTEXT_TOKEN, add_internvl_tokens, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -315,76 +311,14 @@ def internvl_config(arch: dict, vocab_size: int | None = None, image_token_id: i
     return config
 
 
-# ---- geometry ----------------------------------------------------------------------------------------------
-
-
-def tokens_per_tile(image_size: int, patch_size: int, downsample_ratio: float) -> int:
-    """`<IMG_CONTEXT>` tokens of one tile: (image_size / patch_size)^2 patches, pixel-shuffled by the ratio."""
-    return int((image_size // patch_size) ** 2 * downsample_ratio**2)
-
-
-def model_geometry(cfg: ModelConfig) -> tuple[int, int]:
-    """(tile size in pixels, `<IMG_CONTEXT>` tokens per tile) without loading weights: from `model.arch` for
-    `init: random`, else from the checkpoint's config.json (only that file is fetched for a hub id)."""
-    if cfg.init == "random":
-        try:
-            vision = InternVLVisionConfig(**cfg.arch["vision"])
-        except KeyError:
-            raise ConfigError(f"model.arch of '{cfg.name}' lacks 'vision'") from None
-        size = vision.image_size[0]
-        return size, tokens_per_tile(size, vision.patch_size[0], cfg.arch.get("downsample_ratio", 0.5))
-    path = resolve_model_path(cfg.path, cfg.hub, cfg.hub_token, files=["config.json"])
-    return folder_geometry(path)
-
-
-def folder_geometry(path: Path) -> tuple[int, int]:
-    """(tile size, tokens per tile) of a checkpoint folder's config.json, original or HF-native layout."""
-    config_file = Path(path) / "config.json"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{config_file}: cannot read the model config ({e})") from None
-    from vltrain.model.convert import is_original_config, original_geometry
-
-    if is_original_config(config):
-        return original_geometry(config)
-    vision = config.get("vision_config") or {}
-    if config.get("model_type") != "internvl" or "image_seq_length" not in config:
-        raise ConfigError(f"{config_file}: not an InternVL config (model_type '{config.get('model_type')}')")
-    return _side(vision.get("image_size", 448)), int(config["image_seq_length"])
-
-
-def _side(value) -> int:
-    return int(value[0] if isinstance(value, (list, tuple)) else value)
-
-
-def vision_geometry(model) -> tuple[int, int]:
-    """(tile size in pixels, `<IMG_CONTEXT>` tokens per tile) of a loaded InternVL model, from its config."""
-    config = model.config
-    return config.vision_config.image_size[0], config.image_seq_length
-
-
-def stop_token_id(tokenizer, template_name: str, warn: bool = False) -> int:
-    """The id generation stops at: the template's separator (`<|im_end|>` / `<|end|>`), or the tokenizer's EOS
-    token where the separator is not one token of this tokenizer (logged when `warn`)."""
-    stop = get_template(template_name).stop_token
-    stop_id = single_token_id(tokenizer, stop)
-    if stop_id is not None:
-        return stop_id
-    if warn:
-        log.warning("the tokenizer has no single token %s (template %s): generation stops at its EOS token %s "
-                    "instead", stop, template_name, tokenizer.eos_token)
-    return tokenizer.eos_token_id
-
-
-def configure_generation(model, tokenizer, template_name: str) -> None:
-    """Greedy decoding that stops at `stop_token_id`."""
-    stop_id = stop_token_id(tokenizer, template_name, warn=True)
-    gen = model.generation_config
-    gen.eos_token_id = stop_id
-    gen.pad_token_id = tokenizer.pad_token_id
-    gen.bos_token_id = tokenizer.bos_token_id
-    gen.do_sample = False
+def make_encoder(cfg, model=None, tokenizer=None) -> Encoder:
+    """The record encoder of a run (`cfg`: a TrainConfig): its template, system, tile budget and image geometry.
+    The geometry comes from `model` when given, else from the model config alone (no weights loaded);
+    `tokenizer` None loads the model's."""
+    if tokenizer is None:
+        tokenizer = load_tokenizer_for(cfg.model)
+    tile_size, tokens_per_tile = vision_geometry(model) if model is not None else model_geometry(cfg.model)
+    return Encoder.from_config(cfg, tokenizer, tile_size, tokens_per_tile)
 
 
 def _check_vocab(model, tokenizer, path) -> None:

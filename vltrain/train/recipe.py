@@ -10,29 +10,27 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import TrainingArguments, set_seed
 
-from vltrain.check import DataError, check_splits, enforce, make_encoder, outcome_from_encoded_row
 from vltrain.config import RUN_CONFIG, ConfigError, TrainConfig, training_defaults
+from vltrain.data.check import DataError, check_splits, enforce, outcome_from_encoded_row
 from vltrain.data.collator import Collator
 from vltrain.data.dataset import (
     EncodedDataset,
     PreEncodedDataset,
-    absolute_spec,
     encode_with_datasets,
     load_splits,
 )
 from vltrain.data.encode import Encoder
 from vltrain.data.records import RecordError
-from vltrain.model.load import load_model, load_tokenizer_for, resolve_dtype, vision_geometry
+from vltrain.model.geometry import vision_geometry
+from vltrain.model.load import load_model, load_tokenizer_for, make_encoder, resolve_dtype
 from vltrain.model.tuning import apply_sft, trainable_summary
 from vltrain.train.callbacks import CheckpointRunFiles, JsonlLogger, LossPlot
+from vltrain.train.run import RunFolder, run_config_yaml
 from vltrain.train.trainer import VLTrainer
 
 log = logging.getLogger(__name__)
-
-BASE_MODEL_DIR = "base_model"
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:
@@ -55,8 +53,9 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
     """Everything a run needs, in order: arguments, tokenizer and encoder, records (every one encoded once and
     checked), model, trainable parts, trainer. Writes the run folder's config (and the base model, when it is
     randomly initialised). A bad record stops the run before any weights load (`data.on_error`)."""
-    run_dir = Path(cfg.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = RunFolder.for_config(cfg)
+    run.create()
+    run_dir = run.path
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args = build_training_arguments(cfg, run_dir, world_size)
     set_seed(args.seed)
@@ -79,15 +78,16 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
                           f"per tile), model.arch says {(encoder.tile_size, encoder.image_tokens_per_tile)}")
     if cfg.model.init == "random":
         # A random base is part of the run: save it so LoRA checkpoints reload onto the same weights.
-        base = run_dir / BASE_MODEL_DIR
-        model.save_pretrained(base)
-        tokenizer.save_pretrained(base)
+        base = run.base_model
+        if run.is_main:
+            model.save_pretrained(base)
+            tokenizer.save_pretrained(base)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="pretrained", path=str(base)))
     model = apply_sft(model, cfg.sft_type)
     log.info("%s", trainable_summary(model))
 
     run_config = run_config_yaml(cfg)
-    (run_dir / RUN_CONFIG).write_text(run_config, encoding="utf-8")
+    run.write_text(RUN_CONFIG, run_config)
     log.info("train rows %d, held-out rows %d, run folder %s", len(train_dataset), len(val_records), run_dir)
 
     return VLTrainer(
@@ -163,12 +163,3 @@ def build_training_arguments(cfg: TrainConfig, run_dir: Path, world_size: int) -
         remove_unused_columns=False,  # samples are dataclasses; the collator builds the model inputs
         **kwargs,
     )
-
-
-def run_config_yaml(cfg: TrainConfig) -> str:
-    """The resolved config with data paths made absolute, so a checkpoint is usable from any folder."""
-    data = dataclasses.asdict(cfg)
-    data["dataset"]["train"] = [absolute_spec(s) for s in cfg.dataset.train]
-    data["dataset"]["val"] = [absolute_spec(s) for s in cfg.dataset.val]
-    data["dataset"]["demo_root"] = None
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,85 @@
+"""The run folder: one per training run, its path decided once for every rank, its shared files written by rank 0.
+
+Layout (README "Where outputs go"): the validated config (`vltrain.yaml`), the random base model (`base_model/`),
+logs and plots, and `checkpoint-<step>/` folders. Every rank computes what it needs; only the main process writes
+here, and writes are atomic (a temporary name renamed into place), so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from vltrain.config import RUN_CONFIG, TrainConfig
+from vltrain.data.dataset import absolute_spec
+
+BASE_MODEL_DIR = "base_model"
+"""A randomly initialised base, saved so that LoRA checkpoints reload onto the same weights."""
+
+
+def process_index() -> int:
+    """This process's global rank (0 in a single-process run)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """One run's folder. `is_main`: this process writes the shared files."""
+
+    path: Path
+    is_main: bool = True
+
+    @classmethod
+    def for_config(cls, cfg: TrainConfig) -> RunFolder:
+        return cls(Path(cfg.run_dir).resolve(), is_main=process_index() == 0)
+
+    def create(self) -> None:
+        if self.is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_text(self, name: str, text: str) -> Path:
+        """`text` into `<run>/<name>` atomically (main process only; a no-op elsewhere)."""
+        target = self.path / name
+        if self.is_main:
+            write_atomic(target, text.encode("utf-8"))
+        return target
+
+    @property
+    def base_model(self) -> Path:
+        return self.path / BASE_MODEL_DIR
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, flushed and renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_config_yaml(cfg: TrainConfig) -> str:
+    """The resolved config with data paths made absolute, so a checkpoint is usable from any folder."""
+    data = dataclasses.asdict(cfg)
+    data["dataset"]["train"] = [absolute_spec(s) for s in cfg.dataset.train]
+    data["dataset"]["val"] = [absolute_spec(s) for s in cfg.dataset.val]
+    data["dataset"]["demo_root"] = None
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+__all__ = ["BASE_MODEL_DIR", "RUN_CONFIG", "RunFolder", "run_config_yaml", "write_atomic"]
