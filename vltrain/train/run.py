@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from vltrain.config import RUN_CONFIG, TrainConfig
+from vltrain.config import TrainConfig
 from vltrain.data.dataset import absolute_spec
+from vltrain.files import write_atomic
 
 BASE_MODEL_DIR = "base_model"
 """A randomly initialised base, saved so that LoRA checkpoints reload onto the same weights."""
@@ -50,27 +50,12 @@ class RunFolder:
         """`text` into `<run>/<name>` atomically (main process only; a no-op elsewhere)."""
         target = self.path / name
         if self.is_main:
-            write_atomic(target, text.encode("utf-8"))
+            write_atomic(target, text)
         return target
 
     @property
     def base_model(self) -> Path:
         return self.path / BASE_MODEL_DIR
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder, flushed and renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run_config_yaml(cfg: TrainConfig) -> str:
@@ -80,6 +65,3 @@ def run_config_yaml(cfg: TrainConfig) -> str:
     data["dataset"]["val"] = [absolute_spec(s) for s in cfg.dataset.val]
     data["dataset"]["demo_root"] = None
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-
-
-__all__ = ["BASE_MODEL_DIR", "RUN_CONFIG", "RunFolder", "run_config_yaml", "write_atomic"]
