@@ -122,10 +122,9 @@ def test_url_timeout(server, options):
 
     server.routes["/slow.png"] = slow
     options.timeout, options.retries = 0.3, 0
-    start = time.monotonic()
     with pytest.raises(MediaError, match=r"/slow\.png: timed out.*after 1 attempt\)"):
         load_image(server.url("/slow.png"), options)
-    assert time.monotonic() - start < 1.2
+    assert server.counts["/slow.png"] == 1  # given up on, not retried
     assert not list(options.cache_dir.iterdir())
 
 
@@ -227,7 +226,7 @@ def test_files(tmp_path):
 @pytest.mark.parametrize("name,content,message", [
     ("corrupt.png", b"\x89PNG not really", "not an image PIL can read"),
     ("text.jpg", b"just text", "not an image PIL can read"),
-    ("empty.png", b"", "not an image PIL can read"),
+    ("empty.png", b"", r"empty file \(0 bytes\)"),
     ("truncated.png", noise_bytes("PNG")[:15_000], "cannot decode the image"),
     ("truncated.jpg", noise_bytes("JPEG")[:5_000], "cannot decode the image"),
 ])
@@ -332,7 +331,7 @@ def test_short_video(backend, tmp_path):
 def test_unreadable_video(backend, tmp_path, video, content):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(video.read_bytes()[: len(video.read_bytes()) // 2] if content == "half" else content)
-    with pytest.raises(MediaError, match=r"bad\.mp4: (cannot read the video|no video stream|the video has 0)"):
+    with pytest.raises(MediaError, match=r"bad\.mp4: (cannot read the video|no video stream|the video has 0|empty file)"):
         load_video_frames(str(bad), 8)
 
 

@@ -130,6 +130,12 @@ class DataConfig:
     """Extra attempts after a failed fetch."""
     url_max_bytes: int = 50_000_000
     """Largest image a URL may return."""
+    max_image_pixels: int = 89_478_485
+    """Largest image (width x height), and largest video frame, read; a larger one is refused from its header,
+    before any pixel is decoded (decompression bombs). The default is PIL's own warning threshold (~9,459 px
+    square)."""
+    max_video_frames: int = 1_000_000
+    """Videos whose header (or, without one, whose count while decoding) exceeds this many frames are refused."""
 
     def __post_init__(self):
         if self.max_length < 16:
@@ -138,6 +144,10 @@ class DataConfig:
             raise ConfigError(f"data.video_frames must be >= 1, got {self.video_frames}")
         if self.num_proc < 1:
             raise ConfigError(f"data.num_proc must be >= 1, got {self.num_proc}")
+        if self.max_image_pixels < 1:
+            raise ConfigError(f"data.max_image_pixels must be >= 1, got {self.max_image_pixels}")
+        if self.max_video_frames < 1:
+            raise ConfigError(f"data.max_video_frames must be >= 1, got {self.max_video_frames}")
 
 
 @dataclass

@@ -6,16 +6,27 @@ A reference (`ref`) is a string of one of three kinds (`media_kind`):
   base64  `data:image/<type>;base64,<data>` or the raw base64 of the file's bytes (images only)
 
 Images come back as RGB, fully decoded (a truncated or corrupt file fails here, not later in a worker's tiling),
-with the file closed. Videos give `num_frames` RGB frames, the middle frame of each of `num_frames` equal
-segments (see `frame_indices`), read with decord when it is installed and PyAV otherwise.
+with the file closed. The conversion is the official InternVL one, `Image.open(f).convert("RGB")`, so that
+training sees what the published models saw:
+  - the file's content decides its format, never its extension (a PNG named `.jpg` reads as the PNG it is);
+  - EXIF orientation is NOT applied (the stored pixel grid is used, as the official `load_image` does);
+  - CMYK, grey, palette and YCbCr images go through PIL's RGB conversion; an alpha channel (RGBA, LA, PA, a
+    palette's transparency) is dropped, not composited: transparent pixels keep their stored colour;
+  - an animated GIF / WebP / PNG gives its first frame;
+  - refused: a zero-byte file; 16- and 32-bit single-channel images (modes I;16, I, F: PIL's RGB conversion
+    clips them to white, so they must be converted to 8 bits first); any image wider x higher than
+    `max_image_pixels` (decompression bombs), refused from the header, before a pixel is decoded.
+Videos give `num_frames` RGB frames, the middle frame of each of `num_frames` equal segments (see
+`frame_indices`), read with decord when it is installed and PyAV otherwise; a video whose frames exceed
+`max_image_pixels` or that has more than `max_video_frames` frames is refused.
 
-URL fetching (standard library `urllib`; `requests` is not a dependency): `timeout` seconds per attempt (for the
-connection and for the whole body), at most `max_bytes` bytes (checked against Content-Length and while streaming),
-`retries` extra attempts after a timeout, a dropped connection, HTTP 408/429 or 5xx, waiting `backoff`, 2 x
-`backoff`, ... seconds between attempts. Other HTTP errors (404, 403, ...) and an oversized body fail at once. A
-fetched file is stored under `cache_dir` as the SHA-256 of its URL (written to a temporary file, then renamed,
-so a reader never sees half a file); a cached file that turns out not to decode is removed so the next attempt
-fetches again (likewise a fetched video that no reader can open).
+URL fetching (huggingface_hub's `http_stream_backoff` over httpx2): `timeout` seconds for the connection and for
+each read, and for the whole body; at most `max_bytes` bytes (checked against Content-Length and while
+streaming); `retries` extra attempts after a timeout, a failed connection, HTTP 408/429 or 5xx, waiting
+`backoff`, 2 x `backoff`, ... seconds between attempts. Other HTTP errors (404, 403, ...), an oversized body and a
+body that breaks off fail at once. A fetched file is stored under `cache_dir` as the SHA-256 of its URL (written
+atomically, so a reader never sees half a file); a cached file that turns out not to decode is removed so the
+next attempt fetches again (likewise a fetched video that no reader can open).
 
 Every problem is a `MediaError` naming the reference and what went wrong; callers add `file:line: field:`.
 """
@@ -29,30 +40,30 @@ import io
 import os
 import re
 import struct
-import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
+import warnings
 from dataclasses import dataclass
-from http.client import HTTPException
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from vltrain.config import DataConfig
+from vltrain.files import write_atomic
 
 DEFAULT_CACHE = Path("~/.cache/vltrain/media")
 _CHUNK = 1 << 16
 _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 _DATA_URI = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(;[^;,]*)*),", re.IGNORECASE)
 # What PIL's decoders raise on a bad file (the plugins are not consistent).
-_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error,
-               Image.DecompressionBombError)
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error)
 _SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,5}$")
 # First bytes of the image formats PIL reads that appear in datasets; used only to tell base64 from a path.
 _IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*", b"\x00\x00\x01\x00")
+# Modes whose RGB conversion clips the values to 0..255 (a 16-bit grey 40000 becomes white).
+_WIDE_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N", "I;16S")
+_RETRY_STATUS = (408, 429, *range(500, 600))
 
 
 class MediaError(ValueError):
@@ -61,27 +72,34 @@ class MediaError(ValueError):
 
 @dataclass
 class MediaOptions:
-    """How URLs are fetched and cached. `MediaOptions.from_config(cfg.data)` builds it from `DataConfig`."""
+    """How media are fetched, cached and bounded. `MediaOptions.from_config(cfg.data)` builds it from `DataConfig`."""
 
     cache_dir: Path | None = None
     """Folder of fetched URLs; None: ~/.cache/vltrain/media."""
     timeout: float = DataConfig.url_timeout
-    """Seconds per attempt, for the connection and for the whole body."""
+    """Seconds for the connection, for each read and for the whole body of a URL."""
     retries: int = DataConfig.url_retries
-    """Extra attempts after a transient failure (timeout, dropped connection, HTTP 408/429/5xx)."""
+    """Extra attempts after a transient failure (timeout, failed connection, HTTP 408/429/5xx)."""
     max_bytes: int = DataConfig.url_max_bytes
     """Largest body a URL may return."""
     backoff: float = 0.5
     """Seconds before the first retry; doubled before each later one."""
+    max_image_pixels: int = DataConfig.max_image_pixels
+    """Largest image or video frame (width x height) read."""
+    max_video_frames: int = DataConfig.max_video_frames
+    """Longest video (frames) read."""
 
     @classmethod
     def from_config(cls, data: DataConfig) -> MediaOptions:
-        """From a `DataConfig` (`media_cache`, `url_timeout`, `url_retries`, `url_max_bytes`)."""
+        """From a `DataConfig` (`media_cache`, `url_timeout`, `url_retries`, `url_max_bytes`, `max_image_pixels`,
+        `max_video_frames`)."""
         return cls(
             cache_dir=Path(data.media_cache).expanduser() if data.media_cache else None,
             timeout=data.url_timeout,
             retries=data.url_retries,
             max_bytes=data.url_max_bytes,
+            max_image_pixels=data.max_image_pixels,
+            max_video_frames=data.max_video_frames,
         )
 
 
@@ -153,98 +171,116 @@ def cache_path(url: str, options: MediaOptions | None = None) -> Path:
 
 def fetch_url(url: str, options: MediaOptions | None = None) -> Path:
     """The cached copy of `url`, fetched first when it is not cached yet."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
     options = options or MediaOptions()
     target = cache_path(url, options)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     attempts = max(0, options.retries) + 1
-    last = ""
-    for attempt in range(attempts):
-        if attempt:
-            time.sleep(options.backoff * 2 ** (attempt - 1))
-        try:
-            _download(url, target, options)
-            return target
-        except _Permanent as e:
-            raise MediaError(f"{url}: {e}") from None
-        except (urllib.error.URLError, OSError, HTTPException) as e:
-            last = _reason(e)
-    raise MediaError(f"{url}: {last} (after {attempts} attempt{'s' if attempts > 1 else ''})")
-
-
-def _reason(error: Exception) -> str:
-    if isinstance(error, urllib.error.HTTPError):
-        return f"HTTP {error.code} {error.reason}"
-    if isinstance(error, urllib.error.URLError):
-        error = error.reason if isinstance(error.reason, Exception) else error
-    if isinstance(error, TimeoutError):
-        return f"timed out ({error})" if str(error) else "timed out"
-    return f"{type(error).__name__}: {error}"
-
-
-def _download(url: str, target: Path, options: MediaOptions) -> None:
-    deadline = time.monotonic() + options.timeout
-    request = urllib.request.Request(url, headers={"User-Agent": "vltrain"})
+    after = f" (after {attempts} attempt{'s' if attempts > 1 else ''})"
     try:
-        response = urllib.request.urlopen(request, timeout=options.timeout)
-    except urllib.error.HTTPError as e:
-        e.close()
-        if e.code in (408, 429) or e.code >= 500:
-            raise
-        raise _Permanent(_reason(e)) from None
-    with response:
+        body = _download(url, options)
+    except _Permanent as e:
+        raise MediaError(f"{url}: {e}") from None
+    except HfHubHTTPError as e:  # a retried status (408, 429, 5xx), still failing after the last attempt
+        response = e.response
+        raise MediaError(f"{url}: HTTP {response.status_code} {response.reason_phrase}{after}") from None
+    except httpx2.TimeoutException as e:
+        raise MediaError(f"{url}: timed out ({type(e).__name__}){after}") from None
+    except (httpx2.HTTPError, httpx2.InvalidURL, OSError) as e:
+        raise MediaError(f"{url}: {type(e).__name__}: {e}{after}") from None
+    write_atomic(target, body)
+    return target
+
+
+def _download(url: str, options: MediaOptions) -> bytes:
+    """The body of `url`. Connection failures and retried statuses are retried by `http_stream_backoff`; failures
+    while reading the body are `_Permanent` (raising the transport's own errors there would restart the request
+    inside the library's generator)."""
+    import httpx2
+    from huggingface_hub.utils import http_stream_backoff
+
+    with http_stream_backoff("GET", url, max_retries=max(0, options.retries), base_wait_time=options.backoff,
+                             max_wait_time=max(options.backoff, 1.0) * 2 ** max(0, options.retries),
+                             retry_on_status_codes=_RETRY_STATUS, timeout=options.timeout,
+                             headers={"User-Agent": "vltrain"}) as response:
+        if response.status_code >= 400:
+            raise _Permanent(f"HTTP {response.status_code} {response.reason_phrase}")
         length = response.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > options.max_bytes:
             raise _Permanent(f"{int(length)} bytes, more than the limit of {options.max_bytes} (data.url_max_bytes)")
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+        deadline = time.monotonic() + options.timeout
+        body = bytearray()
         try:
-            size = 0
-            with os.fdopen(fd, "wb") as out:
-                while chunk := response.read(_CHUNK):
-                    size += len(chunk)
-                    if size > options.max_bytes:
-                        raise _Permanent(f"more than the limit of {options.max_bytes} bytes (data.url_max_bytes)")
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"body not complete after {options.timeout} s")
-                    out.write(chunk)
-            if length and length.isdigit() and size != int(length):
-                raise HTTPException(f"body ended after {size} of {length} bytes")
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            for chunk in response.iter_bytes(_CHUNK):
+                body += chunk
+                if len(body) > options.max_bytes:
+                    raise _Permanent(f"more than the limit of {options.max_bytes} bytes (data.url_max_bytes)")
+                if time.monotonic() > deadline:
+                    raise _Permanent(f"timed out: body not complete after {options.timeout} s")
+        except httpx2.HTTPError as e:
+            raise _Permanent(f"the body broke off after {len(body)} bytes ({type(e).__name__}: {e})") from None
+    return bytes(body)
 
 
 # ---------------------------------------------------------------- images
 
 
 def load_image(ref: str, options: MediaOptions | None = None) -> Image.Image:
-    """The image `ref` names, as a fully decoded RGB image whose file is closed."""
+    """The image `ref` names, as a fully decoded RGB image whose file is closed (rules in the module docstring)."""
+    options = options or MediaOptions()
     kind = media_kind(ref)
     if kind == "base64":
-        return _decode_image(io.BytesIO(decode_base64(ref)), ref)
+        return _decode_image(io.BytesIO(decode_base64(ref)), ref, options)
     if kind == "path":
         if not os.path.isfile(ref):
             raise MediaError(f"{describe(ref)}: file not found")
-        return _decode_image(ref, ref)
+        return _decode_image(ref, ref, options)
     cached = fetch_url(ref, options)
     try:
-        return _decode_image(cached, ref)
+        return _decode_image(cached, ref, options)
     except MediaError as e:
         cached.unlink(missing_ok=True)  # a bad body must not stay cached for ever
         raise MediaError(f"{e} (fetched copy removed from the cache)") from None
 
 
-def _decode_image(source, ref: str) -> Image.Image:
+def _decode_image(source, ref: str, options: MediaOptions) -> Image.Image:
+    empty = source.getbuffer().nbytes == 0 if isinstance(source, io.BytesIO) else os.path.getsize(source) == 0
+    if empty:
+        raise MediaError(f"{describe(ref)}: empty file (0 bytes)")
     try:
-        with Image.open(source) as image:
-            image.load()  # decodes every pixel: a truncated file raises here
+        with warnings.catch_warnings():  # the limit below decides, not PIL's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
+        with image:
+            _check_pixels(ref, image.width, image.height, options, "image")
+            if image.mode in _WIDE_MODES:
+                raise MediaError(f"{describe(ref)}: a {image.mode} image (16 or 32 bits per pixel, one channel) would "
+                                 "be clipped to white by the RGB conversion; convert it to 8 bits first")
+            image.load()  # decodes every pixel of the first frame: a truncated file raises here
             return image.convert("RGB")  # a new image, independent of the file
+    except MediaError:
+        raise
     except Image.UnidentifiedImageError:
         raise MediaError(f"{describe(ref)}: not an image PIL can read") from None
+    except Image.DecompressionBombError as e:  # PIL's own refusal, in Image.open, above twice its warning threshold
+        claimed = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(claimed[1]):,} pixels" if claimed else "too many pixels"
+        limit = (f"data.max_image_pixels={options.max_image_pixels:,}"
+                 if options.max_image_pixels < 2 * (Image.MAX_IMAGE_PIXELS or 0)
+                 else f"PIL's own limit of {2 * (Image.MAX_IMAGE_PIXELS or 0):,} (PIL.Image.MAX_IMAGE_PIXELS)")
+        raise MediaError(f"{describe(ref)}: image of {size}, more than {limit}; refused before decoding") from None
     except _PIL_ERRORS as e:
         raise MediaError(f"{describe(ref)}: cannot decode the image ({type(e).__name__}: {e})") from None
+
+
+def _check_pixels(ref: str, width: int, height: int, options: MediaOptions, what: str) -> None:
+    if width * height > options.max_image_pixels:
+        raise MediaError(f"{describe(ref)}: {what} of {width}x{height} = {width * height:,} pixels, more than "
+                         f"data.max_image_pixels={options.max_image_pixels:,}; refused before decoding")
 
 
 # ---------------------------------------------------------------- videos
@@ -270,27 +306,30 @@ class _NotAVideo(MediaError):
 
 def load_video_frames(ref: str, num_frames: int, options: MediaOptions | None = None) -> list[Image.Image]:
     """`num_frames` RGB frames of the video `ref` (a path or a URL), chosen by `frame_indices`."""
+    options = options or MediaOptions()
     if media_kind(ref) == "url":
         cached = fetch_url(ref, options)
         try:
-            return _read_frames(str(cached), ref, num_frames)
+            return _read_frames(str(cached), ref, num_frames, options)
         except _NotAVideo as e:
             cached.unlink(missing_ok=True)  # a bad body must not stay cached for ever
             raise MediaError(f"{e} (fetched copy removed from the cache)") from None
     if media_kind(ref) == "base64" or not os.path.isfile(ref):
         raise MediaError(f"{describe(ref)}: file not found (videos are read from files or URLs)")
-    return _read_frames(ref, ref, num_frames)
+    if os.path.getsize(ref) == 0:
+        raise MediaError(f"{describe(ref)}: empty file (0 bytes)")
+    return _read_frames(ref, ref, num_frames, options)
 
 
-def _read_frames(path: str, ref: str, num_frames: int) -> list[Image.Image]:
+def _read_frames(path: str, ref: str, num_frames: int, options: MediaOptions) -> list[Image.Image]:
     try:
         import decord
     except ImportError:
         decord = None
     try:
         if decord is not None:
-            return _frames_decord(decord, path, ref, num_frames)
-        return _frames_pyav(path, ref, num_frames)
+            return _frames_decord(decord, path, ref, num_frames, options)
+        return _frames_pyav(path, ref, num_frames, options)
     except MediaError:
         raise
     except ImportError:
@@ -300,32 +339,43 @@ def _read_frames(path: str, ref: str, num_frames: int) -> list[Image.Image]:
         raise _NotAVideo(f"{describe(ref)}: cannot read the video ({type(e).__name__}: {e})") from None
 
 
-def _check_length(ref: str, total: int, num_frames: int) -> list[int]:
+def _check_length(ref: str, total: int, num_frames: int, options: MediaOptions) -> list[int]:
+    if total > options.max_video_frames:
+        raise MediaError(f"{describe(ref)}: the video has {total:,} frames, more than "
+                         f"data.max_video_frames={options.max_video_frames:,}")
     if total < num_frames:
         raise MediaError(f"{describe(ref)}: the video has {total} frame{'s' if total != 1 else ''}, "
                          f"fewer than the {num_frames} asked (data.video_frames)")
     return frame_indices(total, num_frames)
 
 
-def _frames_decord(decord, path: str, ref: str, num_frames: int) -> list[Image.Image]:
+def _frames_decord(decord, path: str, ref: str, num_frames: int, options: MediaOptions) -> list[Image.Image]:
     reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-    indices = _check_length(ref, len(reader), num_frames)
+    indices = _check_length(ref, len(reader), num_frames, options)
+    height, width = reader[0].shape[:2]  # decord has no header size: one frame, before the others
+    _check_pixels(ref, width, height, options, "video frame")
     batch = reader.get_batch(indices)
     frames = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)  # (N, H, W, 3) uint8
     return [Image.fromarray(frame).convert("RGB") for frame in frames]
 
 
-def _frames_pyav(path: str, ref: str, num_frames: int) -> list[Image.Image]:
+def _frames_pyav(path: str, ref: str, num_frames: int, options: MediaOptions) -> list[Image.Image]:
     import av
 
     with av.open(path) as container:
         if not container.streams.video:
             raise _NotAVideo(f"{describe(ref)}: no video stream")
-        total = container.streams.video[0].frames
-    if not total:  # the container does not say (e.g. WebM): count by decoding
+        stream = container.streams.video[0]
+        _check_pixels(ref, stream.codec_context.width, stream.codec_context.height, options, "video frame")
+        total = stream.frames
+    if not total:  # the container does not say (e.g. Matroska, WebM): count by decoding, up to the limit
         with av.open(path) as container:
-            total = sum(1 for _ in container.decode(video=0))
-    indices = _check_length(ref, total, num_frames)
+            total = 0
+            for _ in container.decode(video=0):
+                total += 1
+                if total > options.max_video_frames:
+                    break
+    indices = _check_length(ref, total, num_frames, options)
     wanted: dict[int, list[int]] = {}
     for k, index in enumerate(indices):
         wanted.setdefault(index, []).append(k)
