@@ -45,6 +45,8 @@ from vltrain.config import ConfigError, DatasetConfig
 from vltrain.data.encode import Encoder, Sample
 from vltrain.data.records import Record, RecordError, read_records
 from vltrain.data.tiling import normalise
+from vltrain.files import write_atomic
+from vltrain.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -177,27 +179,35 @@ def _sniff_suffix(data: bytes) -> str:
 
 
 def hub_spec_file(name: str, hub: str | None, n: int | None, seed: int, cache_dir: Path) -> Path:
-    """The JSONL file holding the rows of a hub spec (fetched and written on first use; reused offline after)."""
+    """The JSONL file holding the rows of a hub spec (fetched and written on first use; reused offline after).
+
+    Processes sharing the cache (the ranks of one run, or two runs) take a file lock on the dataset's folder, so
+    one fetches and writes while the others wait and then read its file."""
+    from filelock import FileLock
+
     entry = HUB_DATASETS[name]
     hub = _choose_hub(name, entry, hub)
     folder = cache_dir.expanduser() / f"{name}-{hub.lower()}"
     path = folder / f"rows-{'all' if n is None else n}-seed{seed}.jsonl"
     if path.is_file():
         return path
-    rows = _fetch_hub_rows(name, entry, hub)
-    indices = list(range(len(rows))) if n is None else sample_indices(len(rows), n, random.Random(f"{seed}:{name}"))
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    caption_column = entry.hf_caption_column if hub == "HF" and entry.hf_caption_column else entry.caption_column
-    written: dict[int, str] = {}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for i in indices:
+    with FileLock(folder / ".lock"):
+        if path.is_file():  # written by another process while this one waited
+            return path
+        rows = _fetch_hub_rows(name, entry, hub)
+        indices = (list(range(len(rows))) if n is None
+                   else sample_indices(len(rows), n, random.Random(f"{seed}:{name}")))
+        caption_column = entry.hf_caption_column if hub == "HF" and entry.hf_caption_column else entry.caption_column
+        written: dict[int, str] = {}
+        lines = []
+        for i in progress(indices, desc=f"{name}: writing rows", unit="rows"):
             row = rows[i]
             if i not in written:
                 written[i] = _write_image(row[entry.image_column], folder, i)
             record = {"query": entry.query, "response": _caption(row[caption_column]), "images": [written[i]]}
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)  # complete files only: an interrupted fetch leaves no half-written JSONL behind
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        write_atomic(path, "".join(lines))  # complete files only: an interrupted fetch leaves no half JSONL behind
     return path
 
 

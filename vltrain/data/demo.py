@@ -20,24 +20,26 @@ placement of the image to the loader.
 
 ``write_demo_dataset`` writes ``images/``, ``train.jsonl`` and ``val.jsonl``
 under a root folder; the same parameters give byte-identical files, and a
-stamp file makes repeated calls with unchanged parameters free.
+stamp file makes repeated calls with unchanged parameters free. Processes that
+share a root (the ranks of a run) take a file lock: one writes, the others wait.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
 from PIL import Image, ImageDraw
 
 from vltrain.data.records import IMAGE_TAG
+from vltrain.files import write_atomic
+from vltrain.progress import progress
 
 __all__ = [
     "BACKGROUND",
@@ -296,22 +298,6 @@ def _records(split: str, n: int, seed: int, size: int) -> Iterator[tuple[dict, I
 # ---------------------------------------------------------------- writing
 
 
-@contextmanager
-def _locked(root: Path):
-    """Serialise generation when several processes (ranks) share a root."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    with open(root / ".demo.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def write_demo_dataset(
     root: Path, n_train: int = 2000, n_val: int = 200, seed: int = 0, image_size: int = 224
 ) -> DemoSplit:
@@ -327,7 +313,7 @@ def write_demo_dataset(
         "image_size": image_size,
     }
     stamp = root / STAMP_NAME
-    with _locked(root):
+    with FileLock(root / ".demo.lock"):  # ranks sharing a root: one writes, the others wait and reuse
         if split.train.exists() and split.val.exists() and stamp.exists() and (root / "images").is_dir():
             try:
                 if json.loads(stamp.read_text()) == params:
@@ -341,14 +327,14 @@ def write_demo_dataset(
             if re.fullmatch(r"(train|val)_\d+\.png", old.name):
                 old.unlink()
         for name, n, path in (("train", n_train, split.train), ("val", n_val, split.val)):
-            tmp = path.with_suffix(".jsonl.tmp")
-            with open(tmp, "w", encoding="utf-8") as out:
-                for record, image in _records(name, n, seed, image_size):
-                    if image is not None:
-                        image.save(root / record["images"][0], format="PNG", compress_level=6)
-                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            os.replace(tmp, path)
-        stamp.write_text(json.dumps(params, sort_keys=True) + "\n")
+            lines = []
+            for record, image in progress(_records(name, n, seed, image_size), total=n, desc=f"demo data ({name})",
+                                          unit="rows"):
+                if image is not None:
+                    image.save(root / record["images"][0], format="PNG", compress_level=6)
+                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+            write_atomic(path, "".join(lines))
+        write_atomic(stamp, json.dumps(params, sort_keys=True) + "\n")  # last: marks the files complete
     return split
 
 
