@@ -8,11 +8,18 @@ the vision tower (ms-swift 2.3+'s default for all InternVL types).
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 from peft import LoraConfig, get_peft_model
 
 from vltrain.config import SftConfig
+
+# peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` alias each time it wraps or loads a
+# model, and transformers then warns on every run about code the user does not own. The value peft gets is
+# right; only this one warning, attributed to transformers' modeling code, is silenced.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                        module=r"transformers\.modeling_utils")
 
 # Module-name prefixes of each part, in the native class.
 PARTS: dict[str, tuple[str, ...]] = {
@@ -20,7 +27,8 @@ PARTS: dict[str, tuple[str, ...]] = {
     "projector": ("model.multi_modal_projector",),
     "llm": ("model.language_model", "lm_head"),
 }
-LORA_DEFAULT_PARTS = ("model.language_model", "model.multi_modal_projector")
+LORA_EXCLUDED = r"model\.vision_tower\..*"
+"""Modules `all-linear` would reach that the default LoRA leaves alone (peft matches it against full names)."""
 
 
 def part_of(name: str) -> str:
@@ -30,15 +38,13 @@ def part_of(name: str) -> str:
     raise KeyError(f"parameter {name} belongs to no known part")
 
 
-def default_lora_regex(model: torch.nn.Module) -> str:
-    """A regex matching every nn.Linear under the LLM and the projector (full module names)."""
-    leaves = sorted({
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.startswith(LORA_DEFAULT_PARTS)
-    })
-    prefixes = "|".join(re.escape(p) for p in LORA_DEFAULT_PARTS)
-    return rf"^(?:{prefixes})(?:\..+)?\.(?:{'|'.join(map(re.escape, leaves))})$"
+def lora_config(cfg: SftConfig) -> LoraConfig:
+    """The LoRA settings of `cfg`. `lora_targets: default` is every linear layer of the LLM and the projector:
+    peft's `all-linear` (which leaves out the LM head) with the vision tower excluded."""
+    default = cfg.lora_targets == "default"
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules="all-linear" if default else cfg.lora_targets,
+                      exclude_modules=LORA_EXCLUDED if default else None, task_type="CAUSAL_LM")
 
 
 def apply_sft(model: torch.nn.Module, cfg: SftConfig) -> torch.nn.Module:
@@ -46,10 +52,7 @@ def apply_sft(model: torch.nn.Module, cfg: SftConfig) -> torch.nn.Module:
     if cfg.name == "lora":
         for p in model.parameters():
             p.requires_grad_(False)
-        targets = default_lora_regex(model) if cfg.lora_targets == "default" else cfg.lora_targets
-        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=targets, task_type="CAUSAL_LM")
-        return get_peft_model(model, lora)
+        return get_peft_model(model, lora_config(cfg))
     frozen = {part for part, flag in (("vision", cfg.freeze_vision), ("llm", cfg.freeze_llm),
                                       ("projector", cfg.freeze_projector)) if flag}
     for name, p in model.named_parameters():
