@@ -15,6 +15,7 @@ import torch
 
 from vltrain.cli import compose_config
 from vltrain.config import ConfigError
+from vltrain.model import load
 from vltrain.model.geometry import model_geometry
 from vltrain.model.internvl import InternVLPsV1ForConditionalGeneration, drop_path_rates
 from vltrain.model.load import (
@@ -140,39 +141,31 @@ def test_attention_choices(monkeypatch):
     missing = tiny(init="pretrained", path="/nonexistent/model", attn_impl="flash")
     with pytest.raises(ConfigError, match="'flash' is not one of sdpa, eager, flash_attention_2"):
         load_tokenizer_for(missing)
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "flash_attn" else real_find_spec(name, *a))
-    with pytest.raises(ConfigError, match="flash_attn package is not installed.*use model.attn_impl=sdpa"):
+    # transformers' own check (flash_attn >= 2.3.3 installed, and a CUDA GPU) decides; the message says both needs
+    monkeypatch.setattr(load, "is_flash_attn_2_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match=r"no usable flash-attn 2 here; it needs a CUDA GPU and the flash_attn "
+                                          r"package >= 2\.3\.3 .*use model.attn_impl=sdpa"):
         load_model_tokenizer(dataclasses.replace(missing, attn_impl="flash_attention_2"))
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match="flash_attention_2 needs a CUDA GPU"):
+    with pytest.raises(ConfigError, match=r"flash_attention_2: .*needs a CUDA GPU \(none is visible\)"):
         load_model(tiny(attn_impl="flash_attention_2"), None)
 
 
 def test_int8_without_bitsandbytes_is_one_clear_error(monkeypatch):
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    monkeypatch.setattr(load, "is_bitsandbytes_available", lambda: False)  # transformers' check (with min version)
     with pytest.raises(ConfigError, match=r"bitsandbytes is not installed \(`pip install bitsandbytes`\)"):
         load_tokenizer_for(tiny(load_in_8bit=True, init="pretrained", path="/nonexistent/model"))
 
 
 def test_int8_where_bitsandbytes_cannot_run(monkeypatch):
-    broken = types.ModuleType("bitsandbytes")
-    broken.__spec__ = importlib.machinery.ModuleSpec("bitsandbytes", None)
-
-    class NoBackend:
-        def __init__(self, *args, **kwargs):
-            raise RuntimeError("no kernel for device cpu")
-
-    broken.nn = types.SimpleNamespace(Linear8bitLt=NoBackend, Int8Params=NoBackend)
-    monkeypatch.setitem(sys.modules, "bitsandbytes", broken)
+    cuda_only = types.ModuleType("bitsandbytes")  # a release before the multi-backend ones
+    cuda_only.__version__, cuda_only.supported_torch_devices = "0.42.0", {"cuda"}
+    monkeypatch.setitem(sys.modules, "bitsandbytes", cuda_only)
+    monkeypatch.setattr(load, "is_bitsandbytes_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match="cannot run 8-bit layers without a CUDA GPU here "
-                                          r"\(RuntimeError: no kernel for device cpu\)"):
+    with pytest.raises(ConfigError, match=r"this bitsandbytes \(0\.42\.0\) cannot run 8-bit layers without a CUDA "
+                                          r"GPU \(it supports: cuda\)"):
         load_model(tiny(load_in_8bit=True), None)
 
 

@@ -16,7 +16,6 @@ Typical use, tokenizer first so that the data can be checked before any weight i
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -29,6 +28,7 @@ from transformers import (
     InternVLVisionConfig,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import is_bitsandbytes_available, is_flash_attn_2_available
 
 from vltrain.config import ConfigError, ModelConfig
 from vltrain.data.encode import Encoder
@@ -65,39 +65,42 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def check_model_config(cfg: ModelConfig) -> None:
-    """What can be known wrong before anything big loads: the attention implementation and 8-bit support."""
+    """What can be known wrong before anything big loads: the attention implementation and 8-bit support (asked of
+    transformers' own availability checks, which also know the minimum versions)."""
     if cfg.attn_impl not in ATTN_IMPLS:
         raise ConfigError(f"model.attn_impl: '{cfg.attn_impl}' is not one of {', '.join(ATTN_IMPLS)}")
-    if cfg.attn_impl == "flash_attention_2":
-        if importlib.util.find_spec("flash_attn") is None:
-            raise ConfigError("model.attn_impl=flash_attention_2: the flash_attn package is not installed "
-                              "(`pip install flash-attn --no-build-isolation` on a machine with a CUDA GPU); "
-                              "use model.attn_impl=sdpa (the default) or eager")
-        if not torch.cuda.is_available():
-            raise ConfigError("model.attn_impl=flash_attention_2 needs a CUDA GPU and none is visible; "
-                              "use model.attn_impl=sdpa (the default) or eager")
+    if cfg.attn_impl == "flash_attention_2" and not is_flash_attn_2_available():
+        raise ConfigError("model.attn_impl=flash_attention_2: transformers finds no usable flash-attn 2 here; it "
+                          "needs a CUDA GPU" + ("" if torch.cuda.is_available() else " (none is visible)") +
+                          " and the flash_attn package >= 2.3.3 (`pip install flash-attn --no-build-isolation`); "
+                          "use model.attn_impl=sdpa (the default) or eager")
     if cfg.load_in_8bit:
         int8_device()
 
 
+def int8_config():
+    """transformers' BitsAndBytesConfig for the 8-bit LLM (at `from_pretrained` and for models built in memory)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD,
+                              llm_int8_skip_modules=INT8_SKIP_MODULES)
+
+
 def int8_device() -> torch.device:
-    """The device 8-bit weights live on: the local CUDA GPU, else the CPU when this bitsandbytes runs 8-bit
-    matmuls there (0.45+ does). One ConfigError saying why otherwise."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("model.load_in_8bit: bitsandbytes is not installed (`pip install bitsandbytes`); "
-                          "or set model.load_in_8bit=false")
+    """The device 8-bit weights live on: the local CUDA GPU, else the CPU when this bitsandbytes supports it
+    (0.45+ does). One ConfigError saying why otherwise."""
+    if not is_bitsandbytes_available():
+        raise ConfigError("model.load_in_8bit: bitsandbytes is not installed (`pip install bitsandbytes`), or is "
+                          "older than transformers supports; or set model.load_in_8bit=false")
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    try:  # bitsandbytes before the multi-backend releases is CUDA-only: try one tiny 8-bit matmul
-        import bitsandbytes as bnb
+    import bitsandbytes as bnb
 
-        layer = bnb.nn.Linear8bitLt(8, 8, bias=False, has_fp16_weights=False, threshold=INT8_THRESHOLD)
-        layer.weight = bnb.nn.Int8Params(torch.randn(8, 8), requires_grad=False, has_fp16_weights=False)
-        layer.to("cpu")(torch.randn(2, 8))
-    except Exception as e:  # noqa: BLE001 - whatever the backend raises, the message names it
-        raise ConfigError(f"model.load_in_8bit: bitsandbytes cannot run 8-bit layers without a CUDA GPU here "
-                          f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
-                          "use a GPU machine, a newer bitsandbytes, or model.load_in_8bit=false") from None
+    supported = sorted(getattr(bnb, "supported_torch_devices", ()))
+    if "cpu" not in supported:  # bitsandbytes before the multi-backend releases is CUDA-only
+        raise ConfigError(f"model.load_in_8bit: this bitsandbytes ({getattr(bnb, '__version__', '?')}) cannot run "
+                          f"8-bit layers without a CUDA GPU (it supports: {', '.join(supported) or 'CUDA only'}); "
+                          "use a GPU machine, a newer bitsandbytes, or model.load_in_8bit=false")
     return torch.device("cpu")
 
 
@@ -184,11 +187,7 @@ def _load_folder(path: Path, tokenizer, dtype: torch.dtype, cfg: ModelConfig) ->
     config = internvl_folder_config(path)
     kwargs = {}
     if cfg.load_in_8bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD,
-                                                            llm_int8_skip_modules=INT8_SKIP_MODULES),
-                  "device_map": {"": int8_device()}}
+        kwargs = {"quantization_config": int8_config(), "device_map": {"": int8_device()}}
     from safetensors import SafetensorError
 
     try:
@@ -223,22 +222,22 @@ def _model_class(config: InternVLConfig) -> type[InternVLForConditionalGeneratio
 
 
 def quantize_llm_8bit(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Replace the LLM's nn.Linear layers (not `INT8_SKIP_MODULES`) by bitsandbytes 8-bit layers on `device`, in
-    place, and move the rest of the model there: what `BitsAndBytesConfig(load_in_8bit=True)` gives at
-    `from_pretrained`, for models built in memory (random init, the original-layout converter)."""
+    """What `from_pretrained(quantization_config=int8_config())` gives, for models built in memory (random init, the
+    original-layout converter): transformers' `replace_with_bnb_linear` swaps the LLM's nn.Linear layers (not
+    `INT8_SKIP_MODULES`) for empty 8-bit layers, which take the float weights and quantize on the move to
+    `device`; the rest of the model moves there too. In place."""
     import bitsandbytes as bnb
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
-    targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is torch.nn.Linear
-               and not any(name == p or name.startswith(p + ".") for p in INT8_SKIP_MODULES)]
-    for name, linear in targets:
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                    has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta")
-        layer.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
-        if linear.bias is not None:
-            layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), leaf, layer.to(device))  # .to() quantizes
+    floats = {name: module for name, module in model.named_modules() if type(module) is torch.nn.Linear}
+    replace_with_bnb_linear(model, modules_to_not_convert=INT8_SKIP_MODULES, quantization_config=int8_config())
+    for name, layer in model.named_modules():
+        if isinstance(layer, bnb.nn.Linear8bitLt):
+            linear = floats[name]
+            layer.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
+            if linear.bias is not None:
+                layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+            layer.to(device)  # quantizes
     model.to(device)
     model.is_loaded_in_8bit = True  # what peft / Trainer look at on from_pretrained-quantized models
     return model
