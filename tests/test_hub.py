@@ -6,7 +6,6 @@ import importlib.machinery
 import os
 import subprocess
 import sys
-import time
 import types
 
 import httpx2
@@ -115,11 +114,9 @@ def test_refused_token(hub):
 
 def test_no_connection_and_nothing_cached(hub):
     hub.error = httpx2.ConnectError("[Errno -3] Temporary failure in name resolution")
-    start = time.monotonic()
     with pytest.raises(HubError, match="cannot reach the Hugging Face Hub \\(ConnectError: .*no copy in the cache"):
         resolve_model_path(REPO, "hf", None)
-    assert time.monotonic() - start < 5
-    assert hub.calls[-1][1]["local_files_only"] is True  # the cache was looked at
+    assert hub.calls and all(call[1]["local_files_only"] for call in hub.calls)  # only the cache was looked at
 
 
 def test_hub_down(hub):
@@ -148,16 +145,19 @@ def test_offline_fails_fast_in_a_fresh_process(tmp_path):
     # the real thing: environment set before huggingface_hub is imported, no fakes, an empty cache
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
     env.pop("HF_HUB_CACHE", None)
-    code = ("from vltrain.model.hub import resolve_model_path\n"
+    # Every socket connection fails loudly in the child: the error must come without one being attempted.
+    code = ("import socket\n"
+            "def refuse(*args, **kwargs):\n"
+            "    raise SystemExit('a network connection was attempted')\n"
+            "socket.socket.connect = socket.create_connection = refuse\n"
+            "from vltrain.model.hub import resolve_model_path\n"
             f"resolve_model_path({REPO!r}, 'hf', None)\n")
-    start = time.monotonic()
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
                             check=False)
-    elapsed = time.monotonic() - start
     assert result.returncode != 0
+    assert "network connection was attempted" not in result.stderr
     assert "HubError" in result.stderr and "offline (HF_HUB_OFFLINE=1)" in result.stderr
     assert str(tmp_path) in result.stderr  # names the cache it looked in
-    assert elapsed < 15, elapsed
 
 
 def test_modelscope_not_installed(monkeypatch):
@@ -200,3 +200,19 @@ def test_modelscope(monkeypatch, tmp_path):
     message = str(e.value)
     assert "The request model does not exist!" in message
     assert "https://modelscope.cn/models/OpenGVLab/missing" in message and "MODELSCOPE_API_TOKEN" in message
+
+
+def test_download_progress_is_plain_lines_off_a_terminal(hub):
+    """Under pytest stderr is not a terminal: huggingface_hub gets a tqdm class that prints lines, no bar."""
+    import io
+
+    resolve_model_path(REPO, "hf", None)
+    bar_class = hub.calls[-1][1]["tqdm_class"]
+    stream = io.StringIO()
+    bar = bar_class(total=3_000_000, unit="B", unit_scale=True, desc="Downloading bytes", file=stream, interval=0)
+    for _ in range(3):
+        bar.update(1_000_000)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[-1].startswith("Downloading bytes: 3.00MB/3.00MB (100%)") and len(lines) >= 2
+    assert "\r" not in stream.getvalue()

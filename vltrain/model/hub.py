@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from vltrain.config import ConfigError
+from vltrain.progress import bar_class, is_terminal
 
 HUB_TIMEOUT_S = 15.0
 """Seconds the first request to the hub may take before it counts as no connection."""
@@ -110,8 +111,10 @@ def _from_huggingface(repo_id: str, token: str | None, files: list[str] | None) 
         names = [s.rfilename for s in info.siblings or []]
         ignore = _ALWAYS_IGNORED + (_NOT_WEIGHTS_WHEN_SAFETENSORS if any(n.endswith(".safetensors") for n in names)
                                     else [])
+        # huggingface_hub draws its bars on a terminal; elsewhere it gets plain progress lines
+        bars = None if is_terminal() else bar_class()
         return Path(snapshot_download(repo_id, revision=info.sha, token=token, allow_patterns=files,
-                                      ignore_patterns=ignore, cache_dir=cache))
+                                      ignore_patterns=ignore, cache_dir=cache, tqdm_class=bars))
     except HFValidationError as e:
         raise HubError(f"model.path={repo_id}: not a local folder and not a valid hub id ({_first_line(e)})") from None
     except RevisionNotFoundError as e:
