@@ -55,6 +55,7 @@ from vltrain.model.generation import configure_generation
 from vltrain.model.geometry import tokens_per_tile
 from vltrain.model.internvl import PS_V1, model_class
 from vltrain.model.tokenizer import IMAGE_CONTEXT_TOKEN, SlowLlamaTokenizer, single_token_id
+from vltrain.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -480,7 +481,7 @@ def load_original(path: Path, tokenizer, dtype: torch.dtype,
     mismatched: list[str] = []
     layout = _layout(original)
     int8_carry: dict[str, torch.Tensor] = {}
-    for file in shard_files(path):
+    for file in progress(shard_files(path), desc=f"converting {path.name}", unit="shards"):
         converted = _convert_shard(file, layout, unknown, int8_carry, dtype)
         for name in list(converted):  # popped: each source tensor is freed once its `dtype` copy is in place
             tensor = converted.pop(name)
