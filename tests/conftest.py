@@ -1,3 +1,6 @@
+"""Fixtures shared by the test files: the tokenizers (the embedded tiny one, and the real ones in ../shared)."""
+
+import functools
 from pathlib import Path
 
 import pytest
@@ -11,3 +14,32 @@ def shared_tokenizers() -> Path:
     if not SHARED_TOKENIZERS.is_dir():
         pytest.skip(f"../shared/tokenizers not found: {SHARED_TOKENIZERS}")
     return SHARED_TOKENIZERS
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded tiny tokenizer (the tiny model's) with the InternVL tokens, as the Hermes-2 template loads it."""
+    from vltrain.model.load import EMBEDDED_TOKENIZER
+    from vltrain.model.tokenizer import add_internvl_tokens, load_tokenizer
+
+    tok = load_tokenizer(EMBEDDED_TOKENIZER, template="Hermes-2")
+    add_internvl_tokens(tok)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer(shared_tokenizers):
+    """`real_tokenizer(folder, template, extra=())`: the tokenizer of `../shared/tokenizers/<folder>` loaded for
+    `template`, with the InternVL tokens (after `extra` special tokens, a stand-in for a checkpoint tokenizer that
+    defines them), loaded once per session."""
+    from vltrain.model.tokenizer import add_internvl_tokens, load_tokenizer
+
+    @functools.cache
+    def load(folder: str, template: str | None, extra: tuple[str, ...] = ()):
+        tok = load_tokenizer(shared_tokenizers / folder, template)
+        if extra:
+            tok.add_tokens(list(extra), special_tokens=True)
+        add_internvl_tokens(tok)
+        return tok
+
+    return load

@@ -27,8 +27,6 @@ from vltrain.data.dataset import (
 from vltrain.data.encode import Encoder
 from vltrain.data.records import RecordError
 from vltrain.data.tiling import IMAGENET_MEAN, IMAGENET_STD, denormalise, normalise
-from vltrain.model.load import EMBEDDED_TOKENIZER
-from vltrain.model.tokenizer import add_internvl_tokens, load_tokenizer
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -196,9 +194,7 @@ def test_caption_rules():
 
 
 @pytest.fixture(scope="module")
-def encoder():
-    tokenizer = load_tokenizer(EMBEDDED_TOKENIZER, template="Hermes-2")
-    add_internvl_tokens(tokenizer)
+def encoder(tokenizer):
     return Encoder(tokenizer, "Hermes-2", None, max_tiles=6, max_length=4096, image_tokens_per_tile=4)
 
 

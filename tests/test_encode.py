@@ -3,7 +3,6 @@ that name file, line and field."""
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from pathlib import Path
@@ -17,24 +16,8 @@ from vltrain.data.encode import IGNORE_INDEX, Encoder, place_media_tags
 from vltrain.data.records import Record, RecordError, read_records
 from vltrain.data.templates import get_template
 from vltrain.data.tiling import num_tiles
-from vltrain.model.load import EMBEDDED_TOKENIZER
-from vltrain.model.tokenizer import add_internvl_tokens, load_tokenizer
 
 CTX = "<IMG_CONTEXT>"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tok = load_tokenizer(EMBEDDED_TOKENIZER, template="Hermes-2")
-    add_internvl_tokens(tok)
-    return tok
-
-
-@functools.cache
-def real_tokenizer(root: str, folder: str, template: str):
-    tok = load_tokenizer(Path(root) / folder, template)
-    add_internvl_tokens(tok)
-    return tok
 
 
 def write_video(path: Path, frames: int = 16, size=(64, 48)) -> str:
@@ -141,8 +124,8 @@ def official_ids(tokenizer, template_name: str, text: str) -> list[int]:
 
 
 @pytest.mark.parametrize("folder,template_name", COMBOS)
-def test_multi_image_rounds_match_the_official_text(shared_tokenizers, media, folder, template_name):
-    tok = real_tokenizer(str(shared_tokenizers), folder, template_name)
+def test_multi_image_rounds_match_the_official_text(real_tokenizer, media, folder, template_name):
+    tok = real_tokenizer(folder, template_name)
     t = get_template(template_name)
     encoder = Encoder(tok, template_name, system="Be brief.", max_tiles=12, max_length=8192, image_tokens_per_tile=4)
     record = rec("Image-2: <image>\nAnd now?", "Blue.", history=[("Image-1: <image>\nColour?", "Red.")],
@@ -197,8 +180,8 @@ def test_merged_block_holds_every_tile_at_the_first_tag(tokenizer, media):
 
 
 @pytest.mark.parametrize("folder,template_name", [("internlm2", "internlm2-chat"), ("phi3", "phi3-chat")])
-def test_merged_block_matches_the_v1_5_model_card_text(shared_tokenizers, media, folder, template_name):
-    tok = real_tokenizer(str(shared_tokenizers), folder, template_name)
+def test_merged_block_matches_the_v1_5_model_card_text(real_tokenizer, media, folder, template_name):
+    tok = real_tokenizer(folder, template_name)
     t = get_template(template_name)
     encoder = Encoder(tok, template_name, system="", max_tiles=12, max_length=8192, image_tokens_per_tile=4,
                       merge_image_blocks=True)
@@ -260,8 +243,8 @@ def test_images_and_videos_follow_the_text_order(tokenizer, media):
     assert mean_rgb(video_first.pixel_values[2])[0] > 2 and mean_rgb(video_first.pixel_values[0])[0] < 0
 
 
-def test_video_matches_the_model_card_text(shared_tokenizers, media):
-    tok = real_tokenizer(str(shared_tokenizers), "qwen2", "Hermes-2")  # InternVL2-1B
+def test_video_matches_the_model_card_text(real_tokenizer, media):
+    tok = real_tokenizer("qwen2", "Hermes-2")  # InternVL2-1B
     encoder = Encoder(tok, "Hermes-2", system="", max_tiles=12, max_length=8192, image_tokens_per_tile=4,
                       video_frames=8)
     sample = encoder(rec("What is the red panda doing?", "Eating.", videos=[media["clip"]]))

@@ -10,8 +10,6 @@ from PIL import Image
 from vltrain.data.encode import IGNORE_INDEX, Encoder
 from vltrain.data.grounding import fill_placeholders, format_boxes, normalize_box, to_thousandths
 from vltrain.data.records import GroundingObject, Record, RecordError
-from vltrain.model.load import EMBEDDED_TOKENIZER
-from vltrain.model.tokenizer import add_internvl_tokens, load_tokenizer
 
 SIZE = (640, 480)
 
@@ -149,13 +147,6 @@ def test_bad_object_names_its_field(obj, field, message):
 
 
 # ---------------------------------------------------------------- through the encoder
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tok = load_tokenizer(EMBEDDED_TOKENIZER, template="Hermes-2")
-    add_internvl_tokens(tok)
-    return tok
 
 
 def test_encoder_renders_grounding_tokens_and_trains_the_box(tokenizer, tmp_path):

@@ -1,6 +1,5 @@
 """Templates: golden encodings of the official InternVL training code, plus rules checked on a byte tokenizer."""
 
-import functools
 import json
 import time
 from pathlib import Path
@@ -10,22 +9,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from vltrain.data.templates import IGNORE_INDEX, TEMPLATES, expand_image_context, get_template, render
-from vltrain.model.tokenizer import add_internvl_tokens, load_tokenizer
+from vltrain.model.tokenizer import add_internvl_tokens
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "templates_golden.json").read_text(encoding="utf-8"))
 CASES = {case["id"]: case for case in GOLDEN["cases"]}
 IMG = "<img><IMG_CONTEXT></img>"
 # (tokenizer folder, template, tokens registered as special before the InternVL ones) as in the golden file
 COMBOS = sorted({(c["tokenizer"], c["template"], tuple(c.get("extra_special_tokens", ()))) for c in CASES.values()})
-
-
-@functools.cache
-def real_tokenizer(root: str, folder: str, template: str, extra: tuple[str, ...] = ()):
-    tokenizer = load_tokenizer(Path(root) / folder, template)
-    if extra:  # stand-in for a checkpoint tokenizer that defines them (Hermes-2-Theta's ChatML tokens)
-        tokenizer.add_tokens(list(extra), special_tokens=True)
-    add_internvl_tokens(tokenizer)
-    return tokenizer
 
 
 def expand_text(text: str, tokens_per_image: list[int]) -> str:
@@ -76,10 +66,10 @@ def test_golden_file_covers_every_template_and_tokenizer():
 
 
 @pytest.mark.parametrize("case_id", list(CASES))
-def test_matches_official_encoding(case_id, shared_tokenizers):
+def test_matches_official_encoding(case_id, real_tokenizer):
     case = CASES[case_id]
-    tokenizer = real_tokenizer(str(shared_tokenizers), case["tokenizer"], case["template"],
-                               tuple(case.get("extra_special_tokens", ())))
+    # extra special tokens: Hermes-2-Theta's ChatML tokens, which its checkpoint tokenizer defines
+    tokenizer = real_tokenizer(case["tokenizer"], case["template"], tuple(case.get("extra_special_tokens", ())))
     rendered = render(get_template(case["template"]), tokenizer, [tuple(t) for t in case["turns"]], case["system"])
     # the ids are those of the whole string at once, BOS as the tokenizer itself adds it
     assert rendered.input_ids == tokenizer(rendered.text)["input_ids"]
@@ -104,7 +94,7 @@ def test_matches_official_encoding(case_id, shared_tokenizers):
 
 
 @pytest.mark.parametrize("case_id", [i for i, c in CASES.items() if c["tokenizer"] != "phi3"])
-def test_labels_without_offsets_equal_labels_from_offsets(case_id, shared_tokenizers):
+def test_labels_without_offsets_equal_labels_from_offsets(case_id, real_tokenizer):
     """Tokenizers without offsets (the Phi-3 sentencepiece one) label by tokenizing prefixes: same result."""
 
     class WithoutOffsets:
@@ -120,16 +110,15 @@ def test_labels_without_offsets_equal_labels_from_offsets(case_id, shared_tokeni
             return self.tokenizer(text, **kwargs)
 
     case = CASES[case_id]
-    tokenizer = real_tokenizer(str(shared_tokenizers), case["tokenizer"], case["template"],
-                               tuple(case.get("extra_special_tokens", ())))
+    tokenizer = real_tokenizer(case["tokenizer"], case["template"], tuple(case.get("extra_special_tokens", ())))
     template, turns = get_template(case["template"]), [tuple(t) for t in case["turns"]]
     assert render(template, WithoutOffsets(tokenizer), turns, case["system"]) == render(
         template, tokenizer, turns, case["system"])
 
 
 @pytest.mark.parametrize("folder,template,extra", COMBOS)
-def test_expanding_context_equals_rendering_expanded_text(folder, template, extra, shared_tokenizers):
-    tokenizer = real_tokenizer(str(shared_tokenizers), folder, template, extra)
+def test_expanding_context_equals_rendering_expanded_text(folder, template, extra, real_tokenizer):
+    tokenizer = real_tokenizer(folder, template, extra)
     context_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     tokens_per_image = [3, 5, 2]
     turns = [(f"Image-1: {IMG}\nImage-2: {IMG}\nCompare them.", "The left one is larger."),
@@ -147,8 +136,8 @@ def test_expanding_context_equals_rendering_expanded_text(folder, template, extr
 
 
 @pytest.mark.parametrize("folder,template,extra", COMBOS)
-def test_render_is_fast(folder, template, extra, shared_tokenizers):
-    tokenizer = real_tokenizer(str(shared_tokenizers), folder, template, extra)
+def test_render_is_fast(folder, template, extra, real_tokenizer):
+    tokenizer = real_tokenizer(folder, template, extra)
     tmpl = get_template(template)
     turns = [(f"{IMG}\nWhat is in the image?", "A cat sitting on a sofa.")]
     start = time.perf_counter()

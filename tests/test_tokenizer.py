@@ -23,13 +23,6 @@ def loaded(root: str, folder: str, template: str | None = None):
     return load_tokenizer(Path(root) / folder, template)
 
 
-@functools.cache
-def with_internvl_tokens(root: str, folder: str, template: str | None = None):
-    tokenizer = load_tokenizer(Path(root) / folder, template)
-    add_internvl_tokens(tokenizer)
-    return tokenizer
-
-
 # The examples of ../shared/tokenizers/PROVENANCE.md (Phi-3: the tokenizer.json behaviour, BOS from the config).
 PROVENANCE = [
     ("internlm2", "Hello world", [1, 9843, 2028]),
@@ -110,16 +103,16 @@ PHI3_SLOW = [
 
 
 @pytest.mark.parametrize("text,expected", PHI3_SLOW)
-def test_phi3_chat_reproduces_the_slow_sentencepiece_tokenizer(text, expected, shared_tokenizers):
-    tokenizer = with_internvl_tokens(str(shared_tokenizers), "phi3", "phi3-chat")
+def test_phi3_chat_reproduces_the_slow_sentencepiece_tokenizer(text, expected, real_tokenizer):
+    tokenizer = real_tokenizer("phi3", "phi3-chat")
     assert isinstance(tokenizer, SlowLlamaTokenizer)
     assert tokenizer(text)["input_ids"] == expected
 
 
 @pytest.mark.parametrize("text", ["<|user|>\n<img><IMG_CONTEXT></img>\nWhat is this 🙂?<|end|><|assistant|>\nA cat.<|end|>",
                                   " leading space,  two spaces", "你好，世界\n\tbye"])
-def test_phi3_chat_decodes_back_to_the_text(text, shared_tokenizers):
-    tokenizer = with_internvl_tokens(str(shared_tokenizers), "phi3", "phi3-chat")
+def test_phi3_chat_decodes_back_to_the_text(text, real_tokenizer):
+    tokenizer = real_tokenizer("phi3", "phi3-chat")
     ids = tokenizer(text)["input_ids"]
     assert tokenizer.decode(ids) == "<s>" + text  # byte pieces (<0x0A>, emoji) become text again
     # as in transformers 4.x, the role tokens are not "special" for skip_special_tokens; BOS and InternVL's are
@@ -133,8 +126,8 @@ def test_phi3_chat_needs_the_sentencepiece_model(shared_tokenizers, tmp_path):
         load_tokenizer(tmp_path, "phi3-chat")
 
 
-def test_phi3_chat_tokenizer_survives_save_and_load(shared_tokenizers, tmp_path):
-    tokenizer = with_internvl_tokens(str(shared_tokenizers), "phi3", "phi3-chat")
+def test_phi3_chat_tokenizer_survives_save_and_load(real_tokenizer, tmp_path):
+    tokenizer = real_tokenizer("phi3", "phi3-chat")
     tokenizer.save_pretrained(tmp_path)
     reloaded = load_tokenizer(tmp_path, "phi3-chat")
     assert len(reloaded) == len(tokenizer) == 32020
