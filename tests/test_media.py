@@ -364,3 +364,16 @@ def test_options_from_config(tmp_path):
                                                 url_max_bytes=1000))
     assert (built.cache_dir, built.timeout, built.retries, built.max_bytes) == (tmp_path, 3.0, 0, 1000)
     assert MediaOptions.from_config(DataConfig()).cache_dir is None
+
+
+def test_offline_mode_reads_the_cache_and_fetches_nothing(server, options, monkeypatch):
+    from huggingface_hub import constants
+
+    server.routes["/cached.png"] = lambda h, n: send(h, png_bytes())
+    server.routes["/new.png"] = lambda h, n: send(h, png_bytes())
+    load_image(server.url("/cached.png"), options)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert load_image(server.url("/cached.png"), options).size == (24, 16)
+    with pytest.raises(MediaError, match=r"/new\.png: not in the media cache .* HF_HUB_OFFLINE is set"):
+        load_image(server.url("/new.png"), options)
+    assert server.counts["/cached.png"] == 1 and "/new.png" not in server.counts  # no request reached the server

@@ -24,9 +24,10 @@ URL fetching (huggingface_hub's `http_stream_backoff` over httpx2): `timeout` se
 each read, and for the whole body; at most `max_bytes` bytes (checked against Content-Length and while
 streaming); `retries` extra attempts after a timeout, a failed connection, HTTP 408/429 or 5xx, waiting
 `backoff`, 2 x `backoff`, ... seconds between attempts. Other HTTP errors (404, 403, ...), an oversized body and a
-body that breaks off fail at once. A fetched file is stored under `cache_dir` as the SHA-256 of its URL (written
-atomically, so a reader never sees half a file); a cached file that turns out not to decode is removed so the
-next attempt fetches again (likewise a fetched video that no reader can open).
+body that breaks off fail at once; with `HF_HUB_OFFLINE` set nothing is fetched (cached copies are still read).
+A fetched file is stored under `cache_dir` as the SHA-256 of its URL (written atomically, so a reader never sees
+half a file); a cached file that turns out not to decode is removed so the next attempt fetches again (likewise a
+fetched video that no reader can open).
 
 Every problem is a `MediaError` naming the reference and what went wrong; callers add `file:line: field:`.
 """
@@ -172,7 +173,7 @@ def cache_path(url: str, options: MediaOptions | None = None) -> Path:
 def fetch_url(url: str, options: MediaOptions | None = None) -> Path:
     """The cached copy of `url`, fetched first when it is not cached yet."""
     import httpx2
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     options = options or MediaOptions()
     target = cache_path(url, options)
@@ -185,6 +186,9 @@ def fetch_url(url: str, options: MediaOptions | None = None) -> Path:
         body = _download(url, options)
     except _Permanent as e:
         raise MediaError(f"{url}: {e}") from None
+    except OfflineModeIsEnabled:  # huggingface_hub's HTTP session makes no request at all in offline mode
+        raise MediaError(f"{url}: not in the media cache ({target.parent}), and HF_HUB_OFFLINE is set, which "
+                         "stops every download; unset it, or fetch the file where there is a network") from None
     except HfHubHTTPError as e:  # a retried status (408, 429, 5xx), still failing after the last attempt
         response = e.response
         raise MediaError(f"{url}: HTTP {response.status_code} {response.reason_phrase}{after}") from None
