@@ -46,7 +46,7 @@ from vltrain.data.encode import Encoder, Sample
 from vltrain.data.records import Record, RecordError, read_records
 from vltrain.data.tiling import normalise
 from vltrain.files import write_atomic
-from vltrain.progress import progress
+from vltrain.progress import progress, quiet_library_bars
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,8 @@ def _choose_hub(name: str, entry: HubDataset, hub: str | None) -> str:
 def _fetch_hub_rows(name: str, entry: HubDataset, hub: str):
     """The raw rows of a hub dataset (an HF `datasets.Dataset`, images left undecoded). Fails in seconds offline."""
     import datasets
+
+    quiet_library_bars()  # in a log, no carriage-return bars from the download
 
     if hub == "HF":
         from huggingface_hub import constants

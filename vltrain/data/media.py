@@ -208,7 +208,7 @@ def _download(url: str, options: MediaOptions) -> bytes:
     from huggingface_hub.utils import http_stream_backoff
 
     with http_stream_backoff("GET", url, max_retries=max(0, options.retries), base_wait_time=options.backoff,
-                             max_wait_time=max(options.backoff, 1.0) * 2 ** max(0, options.retries),
+                             max_wait_time=options.backoff * 2 ** max(0, options.retries),  # never caps
                              retry_on_status_codes=_RETRY_STATUS, timeout=options.timeout,
                              headers={"User-Agent": "vltrain"}) as response:
         if response.status_code >= 400:
