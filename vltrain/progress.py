@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import TextIO, TypeVar
 
+from tqdm import tqdm as plain_tqdm
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
@@ -22,7 +23,7 @@ def is_terminal(stream: TextIO | None = None) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
-class LineBar(tqdm):
+class LineBar(plain_tqdm):  # tqdm.std: in a notebook tqdm.auto would be the widget class
     """tqdm that prints `progress_line` at most every `interval` seconds instead of redrawing a bar, and a closing
     line with the total time when the work took longer than `interval`. Nothing is written before the first
     interval has passed, so quick work stays silent."""
@@ -66,7 +67,7 @@ class LineBar(tqdm):
         pass
 
 
-def bar_class(stream: TextIO | None = None, interval: float = 5.0) -> type[tqdm]:
+def bar_class(stream: TextIO | None = None, interval: float = 5.0) -> type[plain_tqdm]:
     """A tqdm class for libraries that take one (`tqdm_class=`): tqdm's own on a terminal, else a `LineBar`
     writing to `stream` (default stderr) every `interval` seconds."""
     stream = stream or sys.stderr
@@ -100,8 +101,8 @@ def progress_line(desc: str, n: float, total: float | None, elapsed: float, unit
     `1.20MB/3.00GB`."""
     rate = n / elapsed if elapsed > 0 else 0.0
     if unit_scale:  # 1.20MB/3.00GB, 98.5MB/s
-        count = f"{tqdm.format_sizeof(n)}{unit}" + (f"/{tqdm.format_sizeof(total)}{unit}" if total else "")
-        speed = f"{tqdm.format_sizeof(rate)}{unit}/s"
+        count = f"{plain_tqdm.format_sizeof(n)}{unit}" + (f"/{plain_tqdm.format_sizeof(total)}{unit}" if total else "")
+        speed = f"{plain_tqdm.format_sizeof(rate)}{unit}/s"
     else:  # 1200/20000 it, 350.2 it/s
         count = f"{n:g}" + (f"/{total:g}" if total is not None else "") + f" {unit}"
         speed = f"{rate:.1f} {unit}/s"
