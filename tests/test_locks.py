@@ -15,7 +15,7 @@ from PIL import Image
 from vltrain.data import dataset as ds
 from vltrain.data.demo import write_demo_dataset
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 FORK = multiprocessing.get_context("fork")  # the children inherit the stand-in fetch below
 
 

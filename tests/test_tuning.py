@@ -51,6 +51,7 @@ def test_every_parameter_has_a_part(tiny):
         assert part_of(name) in PARTS
 
 
+@pytest.mark.slow  # a fresh Python process (so the warning filters are the real ones)
 def test_lora_prints_no_future_warning(tmp_path):
     """Wrapping a model with LoRA warns about nothing the user can act on (every FutureWarning is an error here)."""
     import os
