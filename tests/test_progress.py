@@ -55,3 +55,26 @@ def test_progress_line():
     assert progress_line("x", 5, None, 2.0, "rows") == "x: 5 rows, 2.5 rows/s, 0:00:02 elapsed"
     assert progress_line("get", 1.5e9, 3e9, 3600.0, "B", unit_scale=True) == \
         "get: 1.50GB/3.00GB (50%), 417kB/s, 1:00:00 elapsed, ETA 1:00:00"
+
+
+def test_library_bars_quiet_off_a_terminal():
+    import datasets
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    from vltrain.progress import quiet_library_bars
+
+    def enable():
+        datasets.enable_progress_bars()
+        enable_progress_bars()
+        transformers_logging.enable_progress_bar()
+
+    try:
+        enable()
+        quiet_library_bars(Terminal())
+        assert datasets.is_progress_bar_enabled() and not are_progress_bars_disabled()
+        quiet_library_bars(io.StringIO())
+        assert not datasets.is_progress_bar_enabled() and are_progress_bars_disabled()
+        assert not transformers_logging.is_progress_bar_enabled()
+    finally:
+        enable()

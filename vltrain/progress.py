@@ -3,7 +3,7 @@
 On a terminal: a tqdm bar. Anywhere else (a log file, CI, a pipe): `LineBar`, the same tqdm with its drawing
 replaced by one plain line every `interval` seconds (count, rate, time left) and no carriage returns. Libraries
 that take a tqdm class (`huggingface_hub` downloads) get one from `bar_class`; those that draw their own bars
-(`datasets.map`) are turned off on a non-terminal by `quiet_library_bars`.
+(`datasets.map`, transformers' shard writing) are turned off on a non-terminal by `quiet_library_bars`.
 """
 
 from __future__ import annotations
@@ -120,10 +120,17 @@ def _clock(seconds: float) -> str:
 
 
 def quiet_library_bars(stream: TextIO | None = None) -> None:
-    """Turn off the bars that `datasets` and `huggingface_hub` draw themselves when `stream` is not a terminal
-    (they would fill a log with carriage returns); progress then comes from `progress` lines."""
+    """Turn off the bars that `datasets`, `huggingface_hub` and `transformers` (e.g. "Writing model shards") draw
+    themselves when `stream` is not a terminal (they would fill a log with carriage returns); progress then comes
+    from `progress` lines. The Trainer's own bar follows `TrainingArguments.disable_tqdm` instead."""
     if is_terminal(stream):
         return
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass
     try:
         import datasets
 
