@@ -377,3 +377,15 @@ def test_offline_mode_reads_the_cache_and_fetches_nothing(server, options, monke
     with pytest.raises(MediaError, match=r"/new\.png: not in the media cache .* HF_HUB_OFFLINE is set"):
         load_image(server.url("/new.png"), options)
     assert server.counts["/cached.png"] == 1 and "/new.png" not in server.counts  # no request reached the server
+
+
+def test_url_body_that_breaks_off(server, options):
+    def cut(handler, n):
+        send(handler, png_bytes()[:40], length=len(png_bytes()))  # promises more than it sends, then closes
+        handler.close_connection = True
+
+    server.routes["/cut.png"] = cut
+    with pytest.raises(MediaError, match=r"/cut\.png: the body broke off after \d+ bytes"):
+        load_image(server.url("/cut.png"), options)
+    assert server.counts["/cut.png"] == 1  # not retried: the next run fetches again, nothing was cached
+    assert not list(options.cache_dir.iterdir())
