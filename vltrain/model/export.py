@@ -248,8 +248,8 @@ def original_llm_config(text, llm_arch: str, dtype: str) -> dict:
             raise ExportError(f"rope type {rope.get('rope_type')!r} has no InternLM2 equivalent")
         scaling = (None if rope.get("rope_type", "default") == "default"
                    else {"type": rope["rope_type"], "factor": rope["factor"]})
-        return {**common, "model_type": "internlm2", "bias": bool(text.attention_bias), "rope_theta": rope["rope_theta"],
-                "rope_scaling": scaling, "auto_map": {
+        return {**common, "model_type": "internlm2", "bias": bool(text.attention_bias),
+                "rope_theta": rope["rope_theta"], "rope_scaling": scaling, "auto_map": {
                     "AutoConfig": "configuration_internlm2.InternLM2Config",
                     "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
                     "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}}
