@@ -6,7 +6,8 @@
     --------------------------------------------------
 
 Commands: `exit` / `quit` (or Ctrl-D) end the session; `clear` empties the history and the media; `multi-line`
-reads a message over several lines, ended by a line ending with `#` (`single-line` switches back);
+reads a message over several lines, ended by a line ending with `#` (`single-line` switches back; a command
+typed as the first line of a message is obeyed);
 `reset-system` reads a new system message (empty: none) and clears the history. Ctrl-C during a reply stops it
 (the turn is dropped) and the session goes on; at the prompt it discards the line. Inline `<img>path</img>` in a
 query works without a prompt. V1.5 model types (`model.merge_image_blocks`) take one image per dialogue: asked
@@ -33,6 +34,7 @@ HELP = ("Input `exit` or `quit` to exit the conversation.\n"
         "Input `clear` to clear the history.")
 MEDIA_HELP = "Type <image> (or <video>) in a query where a picture (or video) goes; you will be asked for its path."
 MEDIA_HELP_V15 = "The first query of a dialogue asks for an image (press Enter for none)."
+COMMANDS = ("exit", "quit", "clear", "multi-line", "single-line", "reset-system")
 _INLINE = re.compile(r"<img>(.+?)</img>")
 _TAGS = re.compile(f"({IMAGE_TAG}|{VIDEO_TAG})")
 
@@ -57,6 +59,8 @@ def _read(prompt: str, multi_line: bool) -> str:
     lines = []
     while True:
         line = input(prompt if not lines else "")
+        if not lines and line.strip() in COMMANDS:
+            return line
         if line.endswith("#"):
             lines.append(line[:-1])
             return "\n".join(lines)
