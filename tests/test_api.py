@@ -13,6 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_importing_vltrain_loads_no_torch():
     code = "import sys, vltrain; assert 'torch' not in sys.modules; vltrain.inference; assert 'torch' in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

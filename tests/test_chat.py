@@ -74,3 +74,12 @@ def test_media_prompts(monkeypatch):
     # InternVL2: an unanswered tag does not send the query
     state = ChatState()
     assert ask_media("<image> what?", state, merged_blocks=False, read=lambda p: "") is None and state.images == []
+
+
+def test_multi_line_messages_end_with_a_hash_and_commands_still_work(monkeypatch):
+    from vltrain.infer.chat import _read
+
+    lines = iter(["<image>", "What is it?#", "single-line"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert _read("<<<[M] ", multi_line=True) == "<image>\nWhat is it?"
+    assert _read("<<<[M] ", multi_line=True) == "single-line"

@@ -204,3 +204,17 @@ def test_infer_command_errors_are_one_line(capsys, tmp_path):
     assert infer_main(["batch_sise=3"]) == 2
     err = capsys.readouterr().err
     assert "needs ckpt_dir" in err and "not a vltrain checkpoint" in err and "batch_size" in err
+
+
+def test_merge_refuses_8bit_models_and_full_checkpoints(tmp_path, demo):
+    import yaml
+
+    ckpt = make_lora_checkpoint(tmp_path / "run", demo)
+    run_config = yaml.safe_load((ckpt / RUN_CONFIG).read_text())
+    run_config["model"] |= {"name": "internvl-chat-v1_5-int8", "load_in_8bit": True}
+    (ckpt / RUN_CONFIG).write_text(yaml.safe_dump(run_config))
+    with pytest.raises(Exception, match="8-bit weights"):
+        merge_lora(ckpt)
+    with pytest.raises(Exception, match="not a LoRA checkpoint"):
+        merge_lora(tmp_path / "run" / "base_model")
+    assert not ckpt.with_name("checkpoint-1-merged").exists()

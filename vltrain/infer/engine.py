@@ -100,7 +100,7 @@ def reference_text(record: Record, encoder: Encoder) -> str:
         rounds = place_media_tags(record)
         fields = [(round_field(i, len(rounds), part), text) for i, pair in enumerate(rounds)
                   for part, text in enumerate(pair)]
-        sizes = [encoder._load_image(record, i).size for i in range(len(record.images))]
+        sizes = [encoder._load_image(record, i).size for i in range(len(record.images))]  # errors name the image
         response = fill_placeholders(record, fields, sizes, encoder.box_style)[-1]
     return response.strip()
 
@@ -176,7 +176,7 @@ class Engine:
 
             starts = progress(starts, desc="generating", unit="batch")
         replies = []
-        with _inference_mode(self.model):
+        with _InferenceMode(self.model):
             for start in starts:
                 batch = self._batch(conversations[start:start + batch_size])
                 out = self.model.generate(**batch, **kwargs)
@@ -197,7 +197,7 @@ class Engine:
 
         def run():
             try:
-                with torch.no_grad(), _inference_mode(self.model):
+                with torch.no_grad(), _InferenceMode(self.model):
                     self.model.generate(**batch, **kwargs, streamer=_QueueStreamer(tokens),
                                         stopping_criteria=StoppingCriteriaList([_Interrupted(stop)]))
             except BaseException as e:  # noqa: BLE001 - re-raised in the consumer's thread
@@ -265,7 +265,7 @@ def _float_dtype(model) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-class _inference_mode:
+class _InferenceMode:
     """Eval mode for the call (training mode restored after); on a GPU, a model held in fp32 (full fine-tuning's
     master weights) generates under autocast in bf16 (fp16 where bf16 is missing): the compute dtype."""
 
