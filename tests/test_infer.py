@@ -218,3 +218,38 @@ def test_merge_refuses_8bit_models_and_full_checkpoints(tmp_path, demo):
     with pytest.raises(Exception, match="not a LoRA checkpoint"):
         merge_lora(tmp_path / "run" / "base_model")
     assert not ckpt.with_name("checkpoint-1-merged").exists()
+
+
+def test_ctrl_c_during_a_reply_stops_the_generation(tiny, monkeypatch, capsys):
+    """A KeyboardInterrupt while the reply streams (where Ctrl-C lands in the chat loop) drops the turn and stops
+    the generating thread long before max_new_tokens."""
+    from vltrain.infer.chat import _stream_reply
+
+    lengths = []
+    real_generate = tiny.model.generate
+
+    def generate(**kwargs):
+        out = real_generate(**kwargs)
+        lengths.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(tiny.model, "generate", generate)
+    writes = []
+
+    class Terminal:
+        def write(self, text):
+            writes.append(text)
+            if len(writes) == 3:
+                raise KeyboardInterrupt
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr("sys.stdout", Terminal())
+    gen = tiny.model.generation_config
+    gen.max_new_tokens, gen.stop_strings = 400, None
+    try:
+        assert _stream_reply(tiny, Conversation("Tell me a long story."), {}) is None
+    finally:
+        gen.max_new_tokens = None
+    assert len(lengths) == 1 and lengths[0] < 400
