@@ -25,7 +25,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from vltrain.data.collator import collate
-from vltrain.data.encode import Encoder
+from vltrain.data.encode import Encoder, place_media_tags
 from vltrain.data.grounding import fill_placeholders
 from vltrain.data.records import Record, parse_row, round_field
 from vltrain.model.generation import stop_token_id
@@ -95,8 +95,6 @@ def reference_text(record: Record, encoder: Encoder) -> str:
     `<box>[[...]]</box>` scaled to the images), the template's whitespace rule applied."""
     response = record.response
     if record.objects:
-        from vltrain.data.encode import place_media_tags
-
         rounds = place_media_tags(record)
         fields = [(round_field(i, len(rounds), part), text) for i, pair in enumerate(rounds)
                   for part, text in enumerate(pair)]

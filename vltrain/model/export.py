@@ -119,9 +119,8 @@ def merge_lora(ckpt_dir: str | Path, dst: str | Path | None = None, overwrite: b
     save_hf_native(model, tokenizer, tmp, cfg.model.template)
     merged_cfg = dataclasses.replace(cfg, sft_type=dataclasses.replace(cfg.sft_type, name="full"),
                                      model=dataclasses.replace(cfg.model, path=str(dst), init="pretrained"))
-    from vltrain.train.run import run_config_yaml
-
-    write_atomic(tmp / RUN_CONFIG, run_config_yaml(merged_cfg))
+    # the checkpoint's config already holds absolute data paths
+    write_atomic(tmp / RUN_CONFIG, yaml.safe_dump(dataclasses.asdict(merged_cfg), sort_keys=False, allow_unicode=True))
     if (ckpt / MANIFEST).is_file():
         shutil.copyfile(ckpt / MANIFEST, tmp / MANIFEST)
     write_atomic(tmp / MERGED_FROM, json.dumps({"checkpoint": str(ckpt), "adapter_sha256": _adapter_digest(ckpt)},
