@@ -253,3 +253,13 @@ def test_ctrl_c_during_a_reply_stops_the_generation(tiny, monkeypatch, capsys):
     finally:
         gen.max_new_tokens = None
     assert len(lengths) == 1 and lengths[0] < 400
+
+
+def test_stop_words_end_the_reply_where_they_occur(tiny):
+    conversation = Conversation("Say something long.")
+    full = tiny.generate([conversation], max_new_tokens=12)[0]
+    word = full[len(full) // 2:len(full) // 2 + 3]
+    assert len(full) > 6 and word.strip()
+    cut = full[:full.index(word)].strip()
+    assert tiny.generate([conversation], max_new_tokens=12, stop_words=[word]) == [cut]
+    assert list(tiny.stream(conversation, max_new_tokens=12, stop_words=[word]))[-1] == cut
