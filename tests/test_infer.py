@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,15 @@ def test_held_out_split_is_training_s_and_a_changed_file_is_named(tmp_path, demo
     train, val = load_splits(cfg.dataset)
     held = held_out_records(cfg, ckpt)
     assert [r.key for r in held] == [r.key for r in val] and not {r.key for r in held} & {r.key for r in train}
+    assert "changed since training" not in caplog.text
+    stat = demo.train.stat()
+    os.utime(demo.train, (stat.st_atime, stat.st_mtime + 3600))  # edited after the checkpoint, no manifest
+    try:
+        held_out_records(cfg, ckpt)
+    finally:
+        os.utime(demo.train, (stat.st_atime, stat.st_mtime))
+    assert f"{demo.train}: modified after the checkpoint was written" in caplog.text
+    caplog.clear()
     keys = [list(k) for k in [r.key for r in val][:2]]
     manifest = {"files": [{"path": str(demo.train), "size": demo.train.stat().st_size + 1, "sha256": "0"}],
                 "val_keys": keys}

@@ -2,8 +2,8 @@
 
 The split is the one training held out: `load_splits` on the checkpoint's saved dataset config (same files, same
 seed), narrowed to the `val_keys` of the checkpoint's `data_manifest.json` when it has one; a data file whose size
-or sha256 differs from the manifest is named in a warning (the split may then differ from training's). Or the
-`dataset.val` files given on the command line.
+or sha256 differs from the manifest (without a manifest: modified after the checkpoint was written) is named in
+a warning, since the split may then differ from training's. Or the `dataset.val` files given on the command line.
 
 Scores: exact match (stripped strings), ROUGE-L F1 (the `rouge-score` library, with a tokenizer that keeps CJK
 characters: one token per character, lowercase alphanumeric words otherwise; rouge-score's own tokenizer drops
@@ -115,6 +115,12 @@ def manifest_changes(manifest: dict) -> list[str]:
     return changes
 
 
+def _local_files(dataset) -> list[Path]:
+    """The data files of the dataset specs (`path#N` -> path; hub names are no files)."""
+    paths = [Path(spec.rsplit("#", 1)[0]) for spec in [*dataset.train, *dataset.val]]
+    return [p for p in paths if p.is_file()]
+
+
 def held_out_records(cfg, ckpt_dir: Path | None = None) -> list[Record]:
     """The records training held out (see the module docstring); rows that no longer parse are logged."""
     from vltrain.data.dataset import load_splits
@@ -123,9 +129,16 @@ def held_out_records(cfg, ckpt_dir: Path | None = None) -> list[Record]:
     if ckpt_dir is not None and (Path(ckpt_dir) / MANIFEST).is_file():
         manifest = json.loads((Path(ckpt_dir) / MANIFEST).read_text(encoding="utf-8"))
         changes = manifest_changes(manifest)
-        if changes:
-            log.warning("the data files changed since training; the held-out split may differ from the one "
-                        "training used:\n  %s", "\n  ".join(changes))
+    elif ckpt_dir is not None and (Path(ckpt_dir) / "vltrain.yaml").is_file():
+        # no manifest (older checkpoints): a data file modified after the checkpoint was written is suspect
+        written = (Path(ckpt_dir) / "vltrain.yaml").stat().st_mtime
+        changes = [f"{path}: modified after the checkpoint was written" for path in _local_files(cfg.dataset)
+                   if path.stat().st_mtime > written]
+    else:
+        changes = []
+    if changes:
+        log.warning("the data files changed since training; the held-out split may differ from the one "
+                    "training used:\n  %s", "\n  ".join(changes))
     errors: list[RecordError] = []
     _, val = load_splits(cfg.dataset, errors=errors)
     for e in errors:
