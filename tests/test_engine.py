@@ -25,7 +25,8 @@ def test_answers_stop_at_the_template_separator(monkeypatch):
 
     monkeypatch.setattr(model, "generate", generate)
     answers = answer_records(model, encoder, [Record(query="Which colour?", response="red")], max_new_tokens=3)
-    assert seen["eos_token_id"] == im_end and seen["do_sample"] is False
+    gen = seen["generation_config"]
+    assert gen.eos_token_id == im_end and gen.do_sample is False
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 

@@ -296,6 +296,16 @@ def split_grouped_qkv(w: torch.Tensor, num_heads: int, num_kv_heads: int, head_d
     return q, k, v
 
 
+def fuse_grouped_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv_heads: int,
+                     head_dim: int) -> torch.Tensor:
+    """The inverse of `split_grouped_qkv`: q, k, v -> InternLM2's `wqkv`, rows [q_1 .. q_G, k, v] per KV head."""
+    groups = num_heads // num_kv_heads
+    rest = q.shape[1:]
+    parts = (q.reshape(num_kv_heads, groups, head_dim, *rest), k.reshape(num_kv_heads, 1, head_dim, *rest),
+             v.reshape(num_kv_heads, 1, head_dim, *rest))
+    return torch.cat(parts, dim=1).reshape((num_heads + 2 * num_kv_heads) * head_dim, *rest)
+
+
 def _rename_by_prefix(rest: str, table: dict[str, str]) -> str | None:
     for old, new in table.items():
         if rest == old or (old.endswith(".") and rest.startswith(old)):

@@ -10,7 +10,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from vltrain.data.encode import Encoder
 from vltrain.data.records import Record
-from vltrain.infer.engine import answer_records, exact_match
+from vltrain.infer.engine import answer_records, exact_match, reference_answers
 from vltrain.model.tuning import trainable_parts
 
 
@@ -50,7 +50,7 @@ class VLTrainer(Trainer):
         metrics = super().evaluate(*args, **kwargs)
         if self.answer_set:
             answers = answer_records(self.model, self.encoder, self.answer_set, self.max_new_tokens)
-            score = {"eval_exact_match": exact_match(answers, [r.response for r in self.answer_set])}
+            score = {"eval_exact_match": exact_match(answers, reference_answers(self.encoder, self.answer_set))}
             self.log(score)
             metrics.update(score)
         return metrics

@@ -1,0 +1,202 @@
+"""Evaluation: answer a held-out split and score the answers.
+
+The split is the one training held out: `load_splits` on the checkpoint's saved dataset config (same files, same
+seed), narrowed to the `val_keys` of the checkpoint's `data_manifest.json` when it has one; a data file whose size
+or sha256 differs from the manifest (without a manifest: modified after the checkpoint was written) is named in
+a warning, since the split may then differ from training's. Or the `dataset.val` files given on the command line.
+
+Scores: exact match (stripped strings), ROUGE-L F1 (the `rouge-score` library, with a tokenizer that keeps CJK
+characters: one token per character, lowercase alphanumeric words otherwise; rouge-score's own tokenizer drops
+every CJK character) and, for rows whose reference holds `<box>` coordinates, the IoU of the reply's boxes
+against the reference's (paired in order; a missing box counts 0) and the share with IoU >= 0.5. The reference
+is the response as trained on: grounding placeholders filled.
+
+Output: `<result_dir>/<time>.jsonl`, one row per answered record (`system`, `query`, `history`, `response`,
+`label`, `images`, `videos`, `source`, `line`, and `error` for a record that could not be encoded), and
+`<time>_summary.json` with the scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vltrain.data.records import Record, RecordError
+from vltrain.files import write_atomic
+from vltrain.infer.engine import Conversation, Engine, exact_match, reference_text
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "data_manifest.json"
+
+# CJK ideographs, kana and hangul: one token each (ROUGE over Chinese text is computed per character).
+_CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+_TOKEN = re.compile(rf"[{_CJK}]|[^\W{_CJK}_]+")
+_BOX = re.compile(r"<box>\s*\[(.*?)\]\s*</box>", re.S)
+_NUMBERS = re.compile(r"\[\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\]")
+
+
+class CJKTokenizer:
+    """rouge-score tokenizer: one token per CJK character, lowercase alphanumeric words otherwise."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return _TOKEN.findall(text.lower())
+
+
+def rouge_l(answers: list[str], references: list[str]) -> list[float]:
+    """ROUGE-L F1 of each answer against its reference."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=CJKTokenizer())
+    return [scorer.score(ref, ans)["rougeL"].fmeasure for ans, ref in zip(answers, references)]
+
+
+def parse_boxes(text: str) -> list[tuple[float, float, float, float]]:
+    """Every `[x1, y1, x2, y2]` inside `<box>...</box>` blocks of `text`, in order."""
+    return [tuple(float(v) for v in m) for block in _BOX.findall(text) for m in _NUMBERS.findall(block)]
+
+
+def box_iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def grounding_iou(answer: str, reference: str) -> float | None:
+    """Mean IoU of the reply's boxes with the reference's, paired in order (None: no box in the reference)."""
+    truth = parse_boxes(reference)
+    if not truth:
+        return None
+    found = parse_boxes(answer)
+    return sum(box_iou(t, found[i]) if i < len(found) else 0.0 for i, t in enumerate(truth)) / len(truth)
+
+
+def score(answers: list[str], references: list[str]) -> dict[str, float]:
+    """exact_match, rouge_l and, when some references hold boxes, grounding_iou / grounding_acc@0.5."""
+    metrics = {"rows": len(references), "exact_match": exact_match(answers, references)}
+    rouge = rouge_l(answers, references)
+    metrics["rouge_l"] = sum(rouge) / len(rouge) if rouge else 0.0
+    ious = [v for v in (grounding_iou(a, r) for a, r in zip(answers, references)) if v is not None]
+    if ious:
+        metrics |= {"grounding_rows": len(ious), "grounding_iou": sum(ious) / len(ious),
+                    "grounding_acc@0.5": sum(v >= 0.5 for v in ious) / len(ious)}
+    return metrics
+
+
+# ---- the held-out split ---------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest_changes(manifest: dict) -> list[str]:
+    """What differs between the data files a checkpoint was trained on and the files now."""
+    changes = []
+    for entry in manifest.get("files", []):
+        path = Path(entry["path"])
+        if not path.is_file():
+            changes.append(f"{path}: missing")
+        elif entry.get("size") is not None and path.stat().st_size != entry["size"]:
+            changes.append(f"{path}: size {path.stat().st_size} bytes, was {entry['size']}")
+        elif entry.get("sha256") and _sha256(path) != entry["sha256"]:
+            changes.append(f"{path}: contents changed (sha256)")
+    return changes
+
+
+def _local_files(dataset) -> list[Path]:
+    """The data files of the dataset specs (`path#N` -> path; hub names are no files)."""
+    paths = [Path(spec.rsplit("#", 1)[0]) for spec in [*dataset.train, *dataset.val]]
+    return [p for p in paths if p.is_file()]
+
+
+def held_out_records(cfg, ckpt_dir: Path | None = None) -> list[Record]:
+    """The records training held out (see the module docstring); rows that no longer parse are logged."""
+    from vltrain.data.dataset import load_splits
+
+    manifest = None
+    if ckpt_dir is not None and (Path(ckpt_dir) / MANIFEST).is_file():
+        manifest = json.loads((Path(ckpt_dir) / MANIFEST).read_text(encoding="utf-8"))
+        changes = manifest_changes(manifest)
+    elif ckpt_dir is not None and (Path(ckpt_dir) / "vltrain.yaml").is_file():
+        # no manifest (older checkpoints): a data file modified after the checkpoint was written is suspect
+        written = (Path(ckpt_dir) / "vltrain.yaml").stat().st_mtime
+        changes = [f"{path}: modified after the checkpoint was written" for path in _local_files(cfg.dataset)
+                   if path.stat().st_mtime > written]
+    else:
+        changes = []
+    if changes:
+        log.warning("the data files changed since training; the held-out split may differ from the one "
+                    "training used:\n  %s", "\n  ".join(changes))
+    errors: list[RecordError] = []
+    _, val = load_splits(cfg.dataset, errors=errors)
+    for e in errors:
+        log.warning("row left out: %s", e)
+    if manifest and manifest.get("val_keys") is not None:
+        keys = {(str(s), int(r)) for s, r in manifest["val_keys"]}
+        found = [r for r in val if (r.source, r.row or r.line) in keys]
+        if len(found) != len(keys):
+            log.warning("%d of the %d held-out rows named in %s were not found in the data files now",
+                        len(keys) - len(found), len(keys), MANIFEST)
+        val = found
+    return val
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    result_file: Path
+    summary_file: Path
+
+
+def evaluate(engine: Engine, records: list[Record], result_dir: Path, batch_size: int = 8,
+             limit: int | None = None, **generation) -> EvalResult:
+    """Answer `records` (the first `limit`), write the result rows and the summary, return the scores."""
+    records = records[:limit] if limit else records
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    result_dir = Path(result_dir)
+    result_file = result_dir / f"{stamp}.jsonl"
+    good, failed = [], {}
+    for r in records:
+        try:
+            # encoded once here to set apart the rows that cannot be (unreadable image, over-long...)
+            reference = reference_text(r, engine.encoder)
+            engine.encoder(r, for_generation=True, normalise=False)
+            good.append((r, reference))
+        except RecordError as e:
+            failed[id(r)] = str(e)
+    for message in failed.values():
+        log.warning("not answered: %s", message)
+    answers = engine.generate([Conversation.from_record(r) for r, _ in good], batch_size=batch_size,
+                              show_progress=True, **generation)
+    references = [ref for _, ref in good]
+    metrics = score(answers, references)
+    metrics["failed_rows"] = len(failed)
+    answer_of = {id(r): a for (r, _), a in zip(good, answers)}
+    label_of = {id(r): ref for r, ref in good}
+    lines = []
+    for r in records:
+        row = {"system": r.system, "query": r.query, "history": [list(p) for p in r.history],
+               "response": answer_of.get(id(r)), "label": label_of.get(id(r), r.response), "images": r.images,
+               "videos": r.videos, "source": r.source, "line": r.line}
+        if id(r) in failed:
+            row["error"] = failed[id(r)]
+        lines.append(json.dumps(row, ensure_ascii=False))
+    write_atomic(result_file, "\n".join(lines) + ("\n" if lines else ""))
+    summary_file = result_dir / f"{stamp}_summary.json"
+    write_atomic(summary_file, json.dumps({**metrics, "result_file": str(result_file)}, indent=2) + "\n")
+    return EvalResult(metrics, result_file, summary_file)

@@ -1,0 +1,83 @@
+"""What inference runs on: a model, its tokenizer and config, the engine, and where results go.
+
+From a checkpoint (`checkpoint-<step>/`, LoRA or full, or a `-merged` folder): its saved config supplies the
+model type, template, system and dtype; LoRA adapters go onto their base (`load_checkpoint`), or are merged first
+(`merge_lora`, reusing an existing merge of the same checkpoint). Without a checkpoint: the model of the composed
+config (`model=<type> model.path=<dir>`). On a machine with a CUDA GPU the model moves there.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vltrain.config import ConfigError, TrainConfig
+from vltrain.infer.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    model: object
+    tokenizer: object
+    cfg: TrainConfig
+    engine: Engine
+    ckpt_dir: Path | None
+    result_dir: Path
+    """`<ckpt>/infer_result`, `<model.path>/infer_result`, or `outputs/infer_result` for a random model."""
+
+
+def place_on_device(model, device_map: str | dict | None = None):
+    """`device_map`: None or "auto" -> the one CUDA GPU when there is one (several: accelerate's balanced map),
+    else CPU; a device string -> that device; a dict -> accelerate's dispatch. 8-bit models stay where they are."""
+    if getattr(model, "is_loaded_in_8bit", False):
+        return model
+    if isinstance(device_map, dict):
+        from accelerate import dispatch_model
+
+        return dispatch_model(model, device_map=device_map)
+    if device_map in (None, "auto"):
+        if torch.cuda.device_count() > 1:
+            from accelerate import dispatch_model, infer_auto_device_map
+
+            no_split = getattr(model, "_no_split_modules", None) or []
+            return dispatch_model(model, infer_auto_device_map(model, no_split_module_classes=no_split))
+        device_map = "cuda:0" if torch.cuda.is_available() else "cpu"
+    return model.to(device_map)
+
+
+def open_session(cfg: TrainConfig | None = None, ckpt_dir: str | Path | None = None, merge_lora: bool = False,
+                 overwrite: bool = False, result_dir: str | Path | None = None,
+                 device_map: str | dict | None = None) -> Session:
+    """Load for inference: the checkpoint `ckpt_dir` (its config wins over `cfg`), else `cfg`'s model."""
+    from vltrain.model.load import load_checkpoint, load_model_tokenizer, make_encoder
+
+    if ckpt_dir is not None:
+        ckpt = Path(ckpt_dir).resolve()
+        if not ckpt.is_dir():
+            raise ConfigError(f"ckpt_dir={ckpt_dir}: no such folder")
+        if merge_lora and (ckpt / "adapter_config.json").is_file():
+            from vltrain.model.export import merge_lora as merge
+
+            ckpt = merge(ckpt, overwrite=overwrite, reuse=True)
+        try:
+            model, tokenizer, ckpt_cfg = load_checkpoint(ckpt)
+        except FileNotFoundError as e:
+            raise ConfigError(f"ckpt_dir: {e}") from None
+        default_results = ckpt / "infer_result"
+    else:
+        if cfg is None:
+            raise ConfigError("open_session needs a config or ckpt_dir")
+        model, tokenizer = load_model_tokenizer(cfg.model)
+        ckpt, ckpt_cfg = None, cfg
+        default_results = Path(cfg.model.path) / "infer_result" if cfg.model.path and Path(
+            cfg.model.path).is_dir() else Path("outputs") / "infer_result"
+    model = place_on_device(model, device_map)
+    model.eval()
+    encoder = make_encoder(ckpt_cfg, model, tokenizer)
+    return Session(model, tokenizer, ckpt_cfg, Engine(model, encoder), ckpt,
+                   Path(result_dir) if result_dir else default_results)

@@ -1,0 +1,363 @@
+"""Export: LoRA adapters merged into an HF-native folder, and any model written back in the original layout.
+
+`merge_lora(ckpt)` writes `<ckpt>-merged`: the base with the adapters folded in (peft's `merge_and_unload`),
+sharded safetensors, config.json whose `text_config.architectures` names the LLM class (what LMDeploy reads to
+pick its backend), the tokenizer with the template as its Jinja chat template, generation_config.json, and the
+checkpoint's `vltrain.yaml` (as a full checkpoint, so `python -m vltrain.infer ckpt_dir=<merged>` loads it) and
+data manifest. `merged_from.json` names the checkpoint and a digest of its adapter weights: a later merge of the
+same checkpoint reuses the folder, a folder made from something else is never overwritten without `overwrite`.
+8-bit models are refused (LoRA deltas cannot be folded into int8 weights without requantising them).
+
+`save_original(model, tokenizer, dst, ...)` writes the `InternVLChatModel` layout OpenGVLab publishes and that
+vLLM and LMDeploy serve for InternVL 1.5 / 2.0: original key names (the inverse of `vltrain.model.convert`:
+InternViT's fused `attn.qkv`, InternLM2's grouped `wqkv`, `mlp1.*`, `language_model.*`), the original config.json
+(`llm_config`, `vision_config`, `template`, `ps_version`, `auto_map`), the tokenizer files of the original base
+folder when there is one (else the tokenizer as transformers saves it), and the published modeling files
+(`*.py`) copied from that folder. vltrain never writes or runs those files; without a base folder holding them,
+`missing_code_message` says where to get them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from vltrain.config import RUN_CONFIG, ConfigError
+from vltrain.files import write_atomic
+from vltrain.model.convert import (
+    _EMBEDDINGS,
+    _INTERNLM2_LAYER,
+    _INTERNLM2_TOP,
+    _PROJECTOR,
+    _VISION_LAYER,
+    fuse_grouped_qkv,
+    is_original_layout,
+    save_converted,
+)
+
+log = logging.getLogger(__name__)
+
+MERGED_FROM = "merged_from.json"
+MANIFEST = "data_manifest.json"
+LLM_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM"}
+# The published LLM of each model type (the native model runs InternLM2 as Llama).
+TYPE_LLM = {"internvl-chat-v1_5": "InternLM2ForCausalLM", "internvl-chat-v1_5-int8": "InternLM2ForCausalLM",
+            "mini-internvl-chat-2b-v1_5": "InternLM2ForCausalLM", "mini-internvl-chat-4b-v1_5": "Phi3ForCausalLM",
+            "internvl2-1b": "Qwen2ForCausalLM", "internvl2-2b": "InternLM2ForCausalLM",
+            "internvl2-4b": "Phi3ForCausalLM", "internvl2-8b": "InternLM2ForCausalLM",
+            "internvl2-26b": "InternLM2ForCausalLM", "internvl2-40b": "LlamaForCausalLM",
+            "internvl2-llama3-76b": "LlamaForCausalLM"}
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+
+
+class ExportError(ConfigError):
+    """An export that cannot be done; the message says why and what to do."""
+
+
+# ---- LoRA merge ---------------------------------------------------------------------------------------------
+
+
+def _adapter_digest(ckpt: Path) -> str:
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        if (ckpt / name).is_file():
+            digest.update((ckpt / name).read_bytes())
+    return digest.hexdigest()
+
+
+def merged_folder_state(ckpt: Path, dst: Path) -> str:
+    """`absent`, `same` (a finished merge of this checkpoint) or `other` (anything else at `dst`)."""
+    if not dst.exists():
+        return "absent"
+    marker = dst / MERGED_FROM
+    if marker.is_file():
+        made = json.loads(marker.read_text(encoding="utf-8"))
+        if made.get("checkpoint") == str(ckpt) and made.get("adapter_sha256") == _adapter_digest(ckpt):
+            return "same"
+    return "other"
+
+
+def merge_lora(ckpt_dir: str | Path, dst: str | Path | None = None, overwrite: bool = False,
+               reuse: bool = True) -> Path:
+    """Merge the LoRA checkpoint `ckpt_dir` into `dst` (default `<ckpt>-merged`); returns `dst`. An existing merge
+    of the same checkpoint is reused (`reuse`) unless `overwrite`; a folder made otherwise is refused."""
+    import yaml
+
+    from vltrain.config import validate
+    from vltrain.model.load import load_checkpoint
+
+    ckpt = Path(ckpt_dir).resolve()
+    if not (ckpt / "adapter_config.json").is_file():
+        raise ExportError(f"ckpt_dir={ckpt}: not a LoRA checkpoint (no adapter_config.json); a full checkpoint "
+                          "is already an HF-native folder")
+    if not (ckpt / RUN_CONFIG).is_file():
+        raise ExportError(f"ckpt_dir={ckpt}: not a vltrain checkpoint (no {RUN_CONFIG})")
+    cfg = validate(yaml.safe_load((ckpt / RUN_CONFIG).read_text(encoding="utf-8")))
+    if cfg.model.load_in_8bit or "int8" in cfg.model.name:
+        raise ExportError(f"model '{cfg.model.name}' has 8-bit weights: merging LoRA would fold fp deltas into int8 "
+                          "weights and requantise them (changing the model). Train LoRA on the 16-bit model type "
+                          "(internvl-chat-v1_5) to merge, or serve the adapters with the 8-bit base unmerged")
+    dst = Path(dst).resolve() if dst else ckpt.with_name(ckpt.name + "-merged")
+    state = merged_folder_state(ckpt, dst)
+    if state == "same" and reuse and not overwrite:
+        log.info("reusing %s (a merge of this checkpoint; overwrite=true rebuilds it)", dst)
+        return dst
+    if state == "other" and not overwrite:
+        raise ExportError(f"{dst} exists and was not merged from {ckpt}: pass overwrite=true to replace it, or "
+                          "dst=<another folder>")
+    model, tokenizer, cfg = load_checkpoint(ckpt)
+    model = model.merge_and_unload()
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf_native(model, tokenizer, tmp, cfg.model.template)
+    merged_cfg = dataclasses.replace(cfg, sft_type=dataclasses.replace(cfg.sft_type, name="full"),
+                                     model=dataclasses.replace(cfg.model, path=str(dst), init="pretrained"))
+    # the checkpoint's config already holds absolute data paths
+    write_atomic(tmp / RUN_CONFIG, yaml.safe_dump(dataclasses.asdict(merged_cfg), sort_keys=False, allow_unicode=True))
+    if (ckpt / MANIFEST).is_file():
+        shutil.copyfile(ckpt / MANIFEST, tmp / MANIFEST)
+    write_atomic(tmp / MERGED_FROM, json.dumps({"checkpoint": str(ckpt), "adapter_sha256": _adapter_digest(ckpt)},
+                                               indent=2) + "\n")
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+    return dst
+
+
+def save_hf_native(model, tokenizer, dst: Path, template: str) -> None:
+    """An HF-native folder (see `save_converted`) whose config names the LLM class in `text_config.architectures`."""
+    text = model.config.text_config
+    text.architectures = [LLM_ARCHITECTURES.get(text.model_type, type(model.model.language_model).__name__)]
+    save_converted(model, tokenizer, dst, template)
+
+
+# ---- original layout ----------------------------------------------------------------------------------------
+
+
+def _invert(table: dict[str, str]) -> dict[str, str]:
+    return {new: old for old, new in table.items()}
+
+
+_VISION_BACK = _invert(_VISION_LAYER)
+_EMBEDDINGS_BACK = _invert(_EMBEDDINGS)
+_PROJECTOR_BACK = _invert(_PROJECTOR)
+_INTERNLM2_TOP_BACK = _invert(_INTERNLM2_TOP)
+_INTERNLM2_LAYER_BACK = _invert(_INTERNLM2_LAYER)
+
+
+def _rename(rest: str, table: dict[str, str]) -> str | None:
+    for new, old in table.items():
+        if rest == new or (new.endswith(".") and rest.startswith(new)):
+            return old + rest[len(new):]
+    return None
+
+
+def original_state_dict(model, llm_arch: str) -> dict[str, torch.Tensor]:
+    """The model's weights under the original key names (q/k/v fused back where the original fuses them)."""
+    import re
+
+    state = {k: v for k, v in model.state_dict().items()}
+    text = model.config.text_config
+    heads = text.num_attention_heads
+    kv = text.num_key_value_heads or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for name in list(state):
+        if name not in state:
+            continue  # consumed with its q/k/v siblings
+        tensor = state[name]
+        if name.startswith("model.vision_tower.embeddings."):
+            old = _EMBEDDINGS_BACK.get(name.removeprefix("model.vision_tower.embeddings."))
+            if old:
+                out[f"vision_model.embeddings.{old}"] = tensor
+                continue
+        elif m := re.fullmatch(r"model\.vision_tower\.encoder\.layer\.(\d+)\.(.+)", name):
+            prefix, rest = f"model.vision_tower.encoder.layer.{m[1]}.attention.", m[2]
+            if q := re.fullmatch(r"attention\.([qkv])_proj\.(weight|bias)", rest):
+                parts = [state.pop(f"{prefix}{p}_proj.{q[2]}") for p in "qkv"]
+                out[f"vision_model.encoder.layers.{m[1]}.attn.qkv.{q[2]}"] = torch.cat(parts)
+                continue
+            old = _rename(rest, _VISION_BACK)
+            if old:
+                out[f"vision_model.encoder.layers.{m[1]}.{old}"] = tensor
+                continue
+        elif m := re.fullmatch(r"model\.multi_modal_projector\.(\w+)\.(weight|bias)", name):
+            if m[1] in _PROJECTOR_BACK:
+                out[f"mlp1.{_PROJECTOR_BACK[m[1]]}.{m[2]}"] = tensor
+                continue
+        elif llm_arch != "InternLM2ForCausalLM":
+            if name == "lm_head.weight":
+                out["language_model.lm_head.weight"] = tensor
+                continue
+            if name.startswith("model.language_model."):
+                out["language_model.model." + name.removeprefix("model.language_model.")] = tensor
+                continue
+        elif name in _INTERNLM2_TOP_BACK:
+            out["language_model." + _INTERNLM2_TOP_BACK[name]] = tensor
+            continue
+        elif m := re.fullmatch(r"model\.language_model\.layers\.(\d+)\.(.+)", name):
+            prefix, rest = f"model.language_model.layers.{m[1]}.self_attn.", m[2]
+            target = f"language_model.model.layers.{m[1]}."
+            if q := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest):
+                parts = [state.pop(f"{prefix}{p}_proj.{q[2]}") for p in "qkv"]
+                out[f"{target}attention.wqkv.{q[2]}"] = fuse_grouped_qkv(*parts, heads, kv, head_dim)
+                continue
+            old = _rename(rest, _INTERNLM2_LAYER_BACK)
+            if old:
+                out[target + old] = tensor
+                continue
+        unknown.append(name)
+        state.pop(name, None)
+    if unknown:
+        raise ExportError(f"no original key for {len(unknown)} weights: {', '.join(unknown[:10])}")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _legacy_rope(rope: dict | None) -> dict:
+    """`rope_theta` and the legacy `rope_scaling` dict of transformers-native `rope_parameters`."""
+    rope = dict(rope or {})
+    theta = rope.pop("rope_theta", 10000.0)
+    kind = rope.pop("rope_type", "default")
+    if kind == "default":
+        return {"rope_theta": theta, "rope_scaling": None}
+    return {"rope_theta": theta, "rope_scaling": {"type": kind, **rope}}
+
+
+def original_llm_config(text, llm_arch: str, dtype: str) -> dict:
+    """The `llm_config` of the original config.json."""
+    rope = getattr(text, "rope_parameters", None) or {"rope_type": "default",
+                                                      "rope_theta": getattr(text, "rope_theta", 10000.0)}
+    common = {"architectures": [llm_arch], "vocab_size": text.vocab_size, "hidden_size": text.hidden_size,
+              "intermediate_size": text.intermediate_size, "num_hidden_layers": text.num_hidden_layers,
+              "num_attention_heads": text.num_attention_heads, "num_key_value_heads": text.num_key_value_heads,
+              "hidden_act": text.hidden_act, "max_position_embeddings": text.max_position_embeddings,
+              "initializer_range": text.initializer_range, "rms_norm_eps": text.rms_norm_eps,
+              "bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id, "pad_token_id": text.pad_token_id,
+              "tie_word_embeddings": False, "use_cache": True, "torch_dtype": dtype, "attn_implementation": "eager"}
+    if llm_arch == "InternLM2ForCausalLM":
+        if rope.get("rope_type") not in ("default", "dynamic", "linear"):
+            raise ExportError(f"rope type {rope.get('rope_type')!r} has no InternLM2 equivalent")
+        scaling = (None if rope.get("rope_type", "default") == "default"
+                   else {"type": rope["rope_type"], "factor": rope["factor"]})
+        return {**common, "model_type": "internlm2", "bias": bool(text.attention_bias),
+                "rope_theta": rope["rope_theta"], "rope_scaling": scaling, "auto_map": {
+                    "AutoConfig": "configuration_internlm2.InternLM2Config",
+                    "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+                    "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}}
+    if llm_arch == "Phi3ForCausalLM":
+        phi = {**common, "model_type": "phi3", "rope_theta": rope.get("rope_theta", 10000.0),
+               "sliding_window": getattr(text, "sliding_window", None), "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+               "attention_dropout": 0.0, "rope_scaling": None}
+        if rope.get("rope_type") == "longrope":
+            phi["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
+            kind = "yarn" if "attention_factor" in rope else "su"
+            phi["rope_scaling"] = {"type": kind, "short_factor": list(rope["short_factor"]),
+                                   "long_factor": list(rope["long_factor"])}
+        return phi
+    family = "qwen2" if llm_arch == "Qwen2ForCausalLM" else "llama"
+    extra = {"attention_bias": bool(getattr(text, "attention_bias", False)),
+             "mlp_bias": bool(getattr(text, "mlp_bias", False))} if family == "llama" else {
+        "use_sliding_window": False, "sliding_window": getattr(text, "sliding_window", None) or 32768,
+        "max_window_layers": text.num_hidden_layers}
+    return {**common, "model_type": family, **extra, **_legacy_rope(rope)}
+
+
+def original_config(model, llm_arch: str, template: str, max_tiles: int, dtype: str) -> dict:
+    """The original `InternVLChatConfig` dict of a native model."""
+    config = model.config
+    vision = config.vision_config
+    if not vision.use_mean_pooling:
+        raise ExportError("vision_config.use_mean_pooling=false (a final vision norm) has no original equivalent")
+    size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
+    patch = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size
+    return {
+        "architectures": ["InternVLChatModel"],
+        "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+                     "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+                     "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"},
+        "downsample_ratio": config.downsample_ratio, "dynamic_image_size": True, "force_image_size": size,
+        "llm_config": original_llm_config(config.text_config, llm_arch, dtype),
+        "max_dynamic_patch": max_tiles, "min_dynamic_patch": 1, "model_type": "internvl_chat",
+        "ps_version": getattr(config, "ps_version", "v2"), "select_layer": config.vision_feature_layer,
+        "template": template, "torch_dtype": dtype, "use_backbone_lora": 0, "use_llm_lora": 0, "use_thumbnail": True,
+        "vision_config": {
+            "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_size": vision.hidden_size,
+            "intermediate_size": vision.intermediate_size, "num_hidden_layers": vision.num_hidden_layers,
+            "num_attention_heads": vision.num_attention_heads, "hidden_act": vision.hidden_act,
+            "norm_type": vision.norm_type, "layer_norm_eps": vision.layer_norm_eps,
+            "qk_normalization": bool(vision.use_qk_norm), "qkv_bias": bool(vision.attention_bias),
+            "image_size": size, "patch_size": patch, "num_channels": vision.num_channels,
+            "initializer_range": vision.initializer_range, "initializer_factor": vision.layer_scale_init_value,
+            "attention_dropout": vision.attention_dropout, "dropout": vision.projection_dropout,
+            "drop_path_rate": 0.0, "use_flash_attn": False, "torch_dtype": dtype},
+    }
+
+
+def llm_architecture(model_type: str, base: Path | None) -> str:
+    """The original LLM class: from the base folder's config.json when it is original, else the model type's;
+    else the native class's (Llama, Qwen2, Phi-3)."""
+    if base is not None and is_original_layout(base):
+        llm = json.loads((base / "config.json").read_text(encoding="utf-8")).get("llm_config") or {}
+        if llm.get("architectures"):
+            return llm["architectures"][0]
+    return TYPE_LLM.get(model_type, "")
+
+
+def missing_code_message(hf_id: str | None) -> str:
+    source = f"https://huggingface.co/{hf_id}" if hf_id else "the published model folder (huggingface.co/OpenGVLab)"
+    return (f"the original layout runs with the published modeling files (configuration_internvl_chat.py, "
+            f"modeling_internvl_chat.py, conversation.py, configuration_intern_vit.py, modeling_intern_vit.py and "
+            f"the LLM's own, e.g. modeling_internlm2.py): copy the *.py files of {source} into the folder")
+
+
+def save_original(model, tokenizer, dst: str | Path, template: str, model_type: str = "", max_tiles: int = 12,
+                  base: Path | None = None, hf_id: str | None = None, dtype: torch.dtype | None = None,
+                  max_shard_size: str = "5GB") -> list[str]:
+    """Write `model` (native) in the original layout into `dst`; returns notes for the user (what is missing)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    from vltrain.progress import progress
+
+    dst = Path(dst)
+    base = Path(base) if base is not None and Path(base).is_dir() else None
+    llm_arch = llm_architecture(model_type, base) or LLM_ARCHITECTURES.get(model.config.text_config.model_type, "")
+    if not llm_arch:
+        raise ExportError(f"unknown LLM class for model type {model_type!r}")
+    dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
+    dtype_name = str(dtype).removeprefix("torch.")
+    state = {k: v.detach().to("cpu", dtype) for k, v in original_state_dict(model, llm_arch).items()}
+    config = original_config(model, llm_arch, template, max_tiles, dtype_name)
+    dst.mkdir(parents=True, exist_ok=True)
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    for file, names in progress(list(split.filename_to_tensors.items()), desc="writing shards", unit="shard"):
+        save_file({n: state[n] for n in names}, dst / file, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": split.tensor_to_filename}
+        write_atomic(dst / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    write_atomic(dst / "config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    notes = []
+    copied = []
+    if base is not None and is_original_layout(base):
+        for name in TOKENIZER_FILES:
+            if (base / name).is_file():
+                shutil.copyfile(base / name, dst / name)
+                copied.append(name)
+        for code in sorted(base.glob("*.py")):
+            shutil.copyfile(code, dst / code.name)
+            copied.append(code.name)
+    if "tokenizer_config.json" not in copied:
+        tokenizer.save_pretrained(dst)
+        notes.append("tokenizer written by transformers (no original base folder to copy its files from)")
+    if not any(name.endswith(".py") for name in copied):
+        notes.append(missing_code_message(hf_id))
+    return notes
