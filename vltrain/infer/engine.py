@@ -12,8 +12,9 @@ from vltrain.model.generation import stop_token_id
 
 @torch.no_grad()
 def answer_records(model, encoder: Encoder, records: list[Record], max_new_tokens: int = 32,
-                   batch_size: int = 8) -> list[str]:
-    """The model's answer to each record's final query (its history and images as context)."""
+                   batch_size: int = 8, synced_gpus: bool = False) -> list[str]:
+    """The model's answer to each record's final query (its history and images as context). `synced_gpus`:
+    keep stepping until every process is done (DeepSpeed ZeRO-3, where each step gathers weights collectively)."""
     tokenizer = encoder.tokenizer
     was_training = model.training
     model.eval()
@@ -32,7 +33,7 @@ def answer_records(model, encoder: Encoder, records: list[Record], max_new_token
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_id,
-                                 pad_token_id=tokenizer.pad_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus)
             new_tokens = out[:, batch["input_ids"].shape[1]:]
             answers += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     finally:

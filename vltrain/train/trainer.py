@@ -46,26 +46,58 @@ class VLTrainer(Trainer):
         return "vision" in trains or "projector" in trains
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
-        """Loss on the held-out split, plus exact-match accuracy of greedy answers on its first rows."""
+        """Loss on the held-out split, plus exact-match accuracy of greedy answers on its first rows (the rows
+        split across ranks, the answers gathered)."""
         metrics = super().evaluate(*args, **kwargs)
         if self.answer_set:
-            answers = answer_records(self.model, self.encoder, self.answer_set, self.max_new_tokens)
+            answers = self._answer_split()
             score = {"eval_exact_match": exact_match(answers, [r.response for r in self.answer_set])}
             self.log(score)
             metrics.update(score)
         return metrics
 
+    def _answer_split(self) -> list[str]:
+        """Answers to `answer_set`, rank r answering rows r, r + world, ... Under ZeRO-3 every rank must run the
+        same forward passes (parameters are gathered collectively): each rank gets the same number of batches
+        (the last row repeated as padding), generation is synchronised (`synced_gpus`), and a batch without
+        images runs the vision side once on a dummy tile, as a batch with images does."""
+        from vltrain.train.parallel import gather_to_all
+
+        world, rank = self.args.world_size, self.args.process_index
+        records = self.answer_set
+        mine = list(range(rank, len(records), world))
+        per_rank = -(-len(records) // world)
+        mine += [mine[-1] if mine else 0] * (per_rank - len(mine))  # padding: answered, then dropped
+        zero3 = is_deepspeed_zero3_enabled()
+        batch = 8  # rows per generate call, as answer_records batches by default
+        answers: list[str] = []
+        for start in range(0, len(mine), batch):
+            chunk = [records[i] for i in mine[start:start + batch]]
+            text_only = not any(r.images or r.videos for r in chunk)
+            with _dummy_image(self.model, once=True) if zero3 and text_only else nullcontext():
+                answers += answer_records(self.model, self.encoder, chunk, self.max_new_tokens,
+                                          batch_size=len(chunk), **({"synced_gpus": True} if zero3 else {}))
+        if world == 1:
+            return answers
+        by_index: dict[int, str] = {}
+        for indices, texts in gather_to_all((mine, answers)):
+            by_index.update(zip(indices, texts))
+        return [by_index[i] for i in range(len(records))]
+
 
 @contextmanager
-def _dummy_image(model):
+def _dummy_image(model, once: bool = False):
     """While active, the input embedding layer also runs the vision tower and projector on one all-zero tile and
     adds an empty slice of the features (exactly 0) to its output. The vision side thus runs where a real image
     batch runs it, between the embedding and the decoder layers (ZeRO-3 gathers parameters in call order), and
-    its backward comes in the same place too. The value added is 0 whatever the features hold (no 0 x inf in
+    its backward comes in the same place too (`once`: in the first forward pass only, a generation's prompt).
+    The value added is 0 whatever the features hold (no 0 x inf in
     fp16), so the loss and the gradients of the other parameters are those of the plain batch; vision and
     projector parameters get zero gradients, as `vit_embeds[image_flags == 1]` gives them in the official code."""
 
     def add_dummy(module, args, embeds):  # embeds: (batch, seq, text hidden size)
+        if once:  # generation: the prompt's forward pass only, where a real image would be encoded
+            handle.remove()
         features = _dummy_image_features(model, embeds.device)
         return embeds + features[:, :0].sum().to(embeds.device, embeds.dtype)  # device_map: another GPU
 
