@@ -156,13 +156,17 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+HIDDEN_METRICS = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+
+
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table: job, overrides, then every metric any job reported."""
+    """A Markdown table: job, the overrides that differ between jobs, then every metric any job reported."""
     keys: list[str] = []
     for row in rows:
         for k in row["metrics"] or {}:
-            if k not in keys:
+            if k not in keys and k not in HIDDEN_METRICS:
                 keys.append(k)
+    common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if len(rows) > 1 else set()
 
     def cell(value):
         if isinstance(value, float):
@@ -173,7 +177,8 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         values = [cell((row["metrics"] or {}).get(k)) for k in keys] if row["metrics"] else ["failed"] + [""] * (
             len(keys) - 1)
-        lines.append(f"| {row['job']} | {row['overrides']} | " + " | ".join(values) + " |")
+        swept = " ".join(o for o in row["overrides"].split() if o not in common)
+        lines.append(f"| {row['job']} | {swept} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
 
