@@ -211,3 +211,62 @@ def test_preemption_signal_saves_a_checkpoint(tmp_path):
     assert (checkpoints[0] / "adapter_model.safetensors").is_file()
     assert (run / "PREEMPTED").is_file()
     assert json.loads((run / "final_metrics.json").read_text())["preempted"] is True
+
+
+# ---- loading at scale --------------------------------------------------------------------------------------------------
+
+
+def test_original_layout_is_converted_once_and_loads_the_same(tmp_path, monkeypatch, shared_tokenizers):
+    import importlib.util
+
+    import torch
+
+    from vltrain.model.load import converted_copy, load_model, load_tokenizer_for
+
+    script = REPO / "scripts" / "make_tiny_original.py"
+    spec = importlib.util.spec_from_file_location("make_tiny_original", script)
+    maker = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = maker
+    spec.loader.exec_module(maker)
+    original = maker.make_checkpoint("qwen2", tmp_path / "original", shared_tokenizers)
+    monkeypatch.setenv("VLTRAIN_CONVERTED_CACHE", str(tmp_path / "cache"))
+    cfg = compose_config(["model=internvl2-1b", f"model.path={original}", "dataset=custom",
+                          f"dataset.train=[{tmp_path / 'x.jsonl'}]"])
+    tokenizer = load_tokenizer_for(cfg.model)
+    first = converted_copy(original, tokenizer, cfg.model)
+    stamp = (first / ".complete").stat().st_mtime_ns
+    assert converted_copy(original, tokenizer, cfg.model) == first  # the second process reuses it
+    assert (first / ".complete").stat().st_mtime_ns == stamp
+    assert (first / "config.json").is_file() and list(first.glob("*.safetensors"))
+
+    in_memory = load_model(cfg.model, tokenizer, torch.float32)
+    from_copy = load_model(cfg.model, tokenizer, torch.float32, convert_once=True)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(in_memory(input_ids=ids).logits, from_copy(input_ids=ids).logits)
+
+
+def test_device_map_loading_on_cpu(tmp_path):
+    """The device-map path end to end where only the CPU exists: a planned (callable) map and an explicit one."""
+    import torch
+
+    from vltrain.model.load import load_model, load_tokenizer_for
+
+    cfg = compose_config(["dataset=custom", f"dataset.train=[{tmp_path / 'x.jsonl'}]"])
+    tokenizer = load_tokenizer_for(cfg.model)
+    planned = []
+
+    def plan(model_on_meta):
+        planned.append(next(model_on_meta.parameters()).device.type)
+        return {"": "cpu"}
+
+    random_model = load_model(cfg.model, tokenizer, torch.float32, device_map=plan)
+    assert planned == ["meta"]
+    random_model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    pretrained = compose_config(["model.init=pretrained", f"model.path={tmp_path / 'base'}", "dataset=custom",
+                                 f"dataset.train=[{tmp_path / 'x.jsonl'}]"]).model
+    loaded = load_model(pretrained, tokenizer, torch.float32, device_map={"": "cpu"})
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, random_model(input_ids=ids).logits)
