@@ -1,7 +1,8 @@
 """Real 2-process training on CPU (gloo, fp32): DDP, ZeRO-2 and ZeRO-3 of the tiny model, LoRA and full.
 
 Four launches, shared by every assertion (each a 2-job multirun, `sft_type=lora,full`):
-- ZeRO-3 through torchrun, random init (created partitioned; the base saved from the partitions);
+- ZeRO-3 through torchrun, random init (created partitioned; the base saved from the partitions), held-out
+  answers split across the ranks with synchronised generation (one rank's batch text-only);
 - one process, global batch 4, from ZeRO-3's saved base (the reference);
 - DDP through ms-swift's `NPROC_PER_NODE=2 python -m vltrain`, from the same base, its sweep folder left to the
   timestamp (one folder for both ranks);
@@ -30,7 +31,7 @@ GLOO_EXIT_ABORT = "terminate called without an active exception"
 def common(demo: Path) -> list[str]:
     return [
         "sft_type=lora,full", "sft_type.lora_dropout=0", "dataset=custom", f"dataset.train=[{demo / 'train.jsonl'}]",
-        f"dataset.val=[{demo / 'val.jsonl'}]", "global_batch_size=4", "trainer.max_steps=2", "trainer.save_steps=2",
+        f"dataset.val=[{demo / 'val_mixed.jsonl'}]", "global_batch_size=4", "trainer.max_steps=2", "trainer.save_steps=2",
         "trainer.eval_steps=2", "trainer.logging_steps=1", "trainer.warmup_steps=0", "trainer.learning_rate=1e-3",
         "trainer.dataloader_num_workers=0", "eval.generate_samples=3", "eval.max_new_tokens=2",
     ]
@@ -64,6 +65,13 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
     demo = root / "demo"
     write_demo_dataset(demo, n_train=16, n_val=4)
+    # Held-out answers (the first 3 rows): rank 0 answers rows 0 and 2 (images), rank 1 row 1 (text-only) and a
+    # repeat of it as padding. Under ZeRO-3 its text-only batch runs the vision side on a dummy tile, or
+    # generation would hang.
+    val = (demo / "val.jsonl").read_text().splitlines()
+    text_only = [json.dumps({"query": q, "response": a}) for q, a in (("What is two plus two?", "four"),
+                                                                       ("What is one plus one?", "two"))]
+    (demo / "val_mixed.jsonl").write_text("\n".join([val[0], text_only[0], val[1], text_only[1]]) + "\n")
     sweeps = {}
 
     sweeps["zero3"] = root / "zero3"
