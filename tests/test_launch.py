@@ -51,6 +51,9 @@ def test_nproc_per_node_builds_torchrun(monkeypatch):
     monkeypatch.delenv("MASTER_ADDR")
     with pytest.raises(ConfigError, match="MASTER_ADDR"):
         launch_request()
+    monkeypatch.delenv("NPROC_PER_NODE")
+    with pytest.raises(ConfigError, match="NNODES=2 without NPROC_PER_NODE"):
+        launch_request()  # several nodes asked for, one process started: refused, not ignored
     monkeypatch.setenv("LOCAL_RANK", "0")  # already one of torchrun's processes: nothing to start
     assert launch_request() is None
 

@@ -89,7 +89,12 @@ def launch_request() -> list[str] | None:
     """ms-swift's spelling `NPROC_PER_NODE=N [NNODES= NODE_RANK= MASTER_ADDR= MASTER_PORT=] python -m vltrain`:
     the torchrun command to run instead (None when not asked, or already inside torchrun's processes)."""
     nproc = os.environ.get("NPROC_PER_NODE")
-    if not nproc or "LOCAL_RANK" in os.environ:
+    if "LOCAL_RANK" in os.environ:
+        return None
+    if not nproc:
+        if int(os.environ.get("NNODES", "1") or 1) > 1:
+            raise ConfigError(f"NNODES={os.environ['NNODES']} without NPROC_PER_NODE: set NPROC_PER_NODE=<GPUs per "
+                              "node> too (or launch with torchrun)")
         return None
     from vltrain.sweep import torchrun_command
 

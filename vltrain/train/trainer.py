@@ -91,9 +91,9 @@ def _dummy_image(model, once: bool = False):
     adds an empty slice of the features (exactly 0) to its output. The vision side thus runs where a real image
     batch runs it, between the embedding and the decoder layers (ZeRO-3 gathers parameters in call order), and
     its backward comes in the same place too (`once`: in the first forward pass only, a generation's prompt).
-    The value added is 0 whatever the features hold (no 0 x inf in
-    fp16), so the loss and the gradients of the other parameters are those of the plain batch; vision and
-    projector parameters get zero gradients, as `vit_embeds[image_flags == 1]` gives them in the official code."""
+    The value added is 0 whatever the features hold (no 0 x inf in fp16), so the loss and the gradients of the
+    other parameters are those of the plain batch; vision and projector parameters get zero gradients, as
+    `vit_embeds[image_flags == 1]` gives them in the official code."""
 
     def add_dummy(module, args, embeds):  # embeds: (batch, seq, text hidden size)
         if once:  # generation: the prompt's forward pass only, where a real image would be encoded
