@@ -57,26 +57,33 @@ class VLTrainer(Trainer):
         return metrics
 
     def _answer_split(self) -> list[str]:
-        """Answers to `answer_set`, rank r answering rows r, r + world, ... Under ZeRO-3 every rank must run the
-        same forward passes (parameters are gathered collectively): each rank gets the same number of batches
-        (the last row repeated as padding), generation is synchronised (`synced_gpus`), and a batch without
-        images runs the vision side once on a dummy tile, as a batch with images does."""
+        """Answers to `answer_set`, split across ranks and gathered. Under ZeRO-3 every rank must run the same
+        forward passes (parameters are gathered collectively, in an order each rank traces): the rows are dealt
+        kind by kind (with images, then text-only), each rank getting the same number of each (padded with a
+        repeated row, whose answer is dropped), so that in every generate call either all ranks run the vision
+        side or none does; generation is synchronised (`synced_gpus`) so that ranks finishing early keep step."""
         from vltrain.train.parallel import gather_to_all
 
         world, rank = self.args.world_size, self.args.process_index
         records = self.answer_set
-        mine = list(range(rank, len(records), world))
-        per_rank = -(-len(records) // world)
-        mine += [mine[-1] if mine else 0] * (per_rank - len(mine))  # padding: answered, then dropped
         zero3 = is_deepspeed_zero3_enabled()
+        kinds = [list(range(len(records)))]
+        if zero3:
+            with_media = [i for i, r in enumerate(records) if r.images or r.videos]
+            kinds = [with_media, [i for i in range(len(records)) if i not in set(with_media)]]
         batch = 8  # rows per generate call, as answer_records batches by default
+        mine: list[int] = []
         answers: list[str] = []
-        for start in range(0, len(mine), batch):
-            chunk = [records[i] for i in mine[start:start + batch]]
-            text_only = not any(r.images or r.videos for r in chunk)
-            with _dummy_image(self.model, once=True) if zero3 and text_only else nullcontext():
-                answers += answer_records(self.model, self.encoder, chunk, self.max_new_tokens,
+        for rows in kinds:
+            if not rows:
+                continue
+            share = rows[rank::world]
+            share += [share[-1] if share else rows[0]] * (-(-len(rows) // world) - len(share))  # padding
+            for start in range(0, len(share), batch):
+                chunk = share[start:start + batch]
+                answers += answer_records(self.model, self.encoder, [records[i] for i in chunk], self.max_new_tokens,
                                           batch_size=len(chunk), **({"synced_gpus": True} if zero3 else {}))
+            mine += share
         if world == 1:
             return answers
         by_index: dict[int, str] = {}
@@ -86,18 +93,15 @@ class VLTrainer(Trainer):
 
 
 @contextmanager
-def _dummy_image(model, once: bool = False):
+def _dummy_image(model):
     """While active, the input embedding layer also runs the vision tower and projector on one all-zero tile and
     adds an empty slice of the features (exactly 0) to its output. The vision side thus runs where a real image
     batch runs it, between the embedding and the decoder layers (ZeRO-3 gathers parameters in call order), and
-    its backward comes in the same place too (`once`: in the first forward pass only, a generation's prompt).
-    The value added is 0 whatever the features hold (no 0 x inf in fp16), so the loss and the gradients of the
-    other parameters are those of the plain batch; vision and projector parameters get zero gradients, as
-    `vit_embeds[image_flags == 1]` gives them in the official code."""
+    its backward comes in the same place too. The value added is 0 whatever the features hold (no 0 x inf in
+    fp16), so the loss and the gradients of the other parameters are those of the plain batch; vision and
+    projector parameters get zero gradients, as `vit_embeds[image_flags == 1]` gives them in the official code."""
 
     def add_dummy(module, args, embeds):  # embeds: (batch, seq, text hidden size)
-        if once:  # generation: the prompt's forward pass only, where a real image would be encoded
-            handle.remove()
         features = _dummy_image_features(model, embeds.device)
         return embeds + features[:, :0].sum().to(embeds.device, embeds.dtype)  # device_map: another GPU
 
