@@ -2,7 +2,7 @@
 
 Four launches, shared by every assertion (each a 2-job multirun, `sft_type=lora,full`):
 - ZeRO-3 through torchrun, random init (created partitioned; the base saved from the partitions), held-out
-  answers split across the ranks with synchronised generation (one rank's batch text-only);
+  answers split across the ranks with synchronised generation (images and text-only rows);
 - one process, global batch 4, from ZeRO-3's saved base (the reference);
 - DDP through ms-swift's `NPROC_PER_NODE=2 python -m vltrain`, from the same base, its sweep folder left to the
   timestamp (one folder for both ranks);
@@ -65,9 +65,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
     demo = root / "demo"
     write_demo_dataset(demo, n_train=16, n_val=4)
-    # Held-out answers (the first 3 rows): rank 0 answers rows 0 and 2 (images), rank 1 row 1 (text-only) and a
-    # repeat of it as padding. Under ZeRO-3 its text-only batch runs the vision side on a dummy tile, or
-    # generation would hang.
+    # Held-out answers (the first 3 rows: image, text-only, image): split across the ranks, a text-only row among
+    # them. Under ZeRO-3 a generate call where one rank runs the vision side and another does not would hang.
     val = (demo / "val.jsonl").read_text().splitlines()
     text_only = [json.dumps({"query": q, "response": a}) for q, a in (("What is two plus two?", "four"),
                                                                        ("What is one plus one?", "two"))]
