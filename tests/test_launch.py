@@ -172,13 +172,14 @@ def test_slurm_preset_composes_and_requeues_with_resume():
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
-    from vltrain.sweep import SlurmLauncher, with_resume
+    from hydra_plugins.vltrain_launcher import SlurmLauncher
+    from vltrain.sweep import with_resume
 
     with initialize_config_module("vltrain.conf", version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=2"],
                       return_hydra_config=True)
     launcher_cfg = cfg.hydra.launcher
-    assert launcher_cfg._target_ == "vltrain.sweep.SlurmLauncher"
+    assert launcher_cfg._target_ == "hydra_plugins.vltrain_launcher.SlurmLauncher"
     assert launcher_cfg.nodes == 2 and launcher_cfg.tasks_per_node == 1 and launcher_cfg.gpus_per_node == 8
     assert launcher_cfg.max_num_timeout > 0
     launcher = instantiate(launcher_cfg)
@@ -273,3 +274,23 @@ def test_device_map_loading_on_cpu(tmp_path):
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, random_model(input_ids=ids).logits)
+
+
+@pytest.mark.slow
+def test_slurm_preset_runs_through_submitit_local_executor(tmp_path):
+    """The SLURM preset with submitit's local executor standing in for SLURM: the job runs, the sweep summarises."""
+    from vltrain.data.demo import write_demo_dataset
+
+    demo = write_demo_dataset(tmp_path / "demo", n_train=8, n_val=2)
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "vltrain", "-m", "hydra/launcher=slurm",
+           "hydra.launcher._target_=hydra_plugins.vltrain_launcher.LocalLauncher", "hydra.launcher.gpus_per_node=0",
+           "dataset=custom", f"dataset.train=[{demo.train}]", f"dataset.val=[{demo.val}]", "trainer.max_steps=1",
+           "trainer.save_steps=1", "trainer.eval_steps=1", "global_batch_size=2", "trainer.dataloader_num_workers=0",
+           "eval.generate_samples=1", "eval.max_new_tokens=2", f"hydra.sweep.dir={sweep}"]
+    out = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert (sweep / "0-tiny-lora" / "checkpoint-1" / "adapter_model.safetensors").is_file()
+    assert list((sweep / ".submitit").iterdir())  # it went through submitit
+    assert "| 0-tiny-lora |" in (sweep / "summary.md").read_text()

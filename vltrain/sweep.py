@@ -4,8 +4,8 @@
   and a SLURM job (one task per node) run: `python -m torch.distributed.run ... -m vltrain <overrides>`.
 - `SweepSummary`: a Hydra callback; at the end of `python -m vltrain -m ...` it prints one row per job (its
   overrides and final metrics) and writes the table as `summary.md` (and `summary.jsonl`) in the sweep folder.
-- `SlurmLauncher` / `LocalLauncher`: hydra-submitit-launcher's, with a requeue that appends `resume=auto` to the
-  job's overrides, after the training processes saved a checkpoint (conf/hydra/launcher/slurm.yaml).
+- `with_resume`, `stop_child_with_checkpoint`: what the SLURM launcher's requeue does (the launcher itself is in
+  hydra_plugins/vltrain_launcher, where Hydra looks for launchers).
 """
 
 from __future__ import annotations
@@ -105,30 +105,6 @@ def with_resume(overrides: list[str]) -> list[str]:
     """A job's overrides for its requeued run: `resume=auto` (continue from the run folder's last checkpoint)."""
     kept = [o for o in overrides if not o.lstrip("+~").startswith("resume=")]
     return [*kept, "resume=auto"]
-
-
-def _requeue_mixin(base):
-    class Requeueing(base):
-        def checkpoint(self, sweep_overrides, *args, **kwargs):
-            """Called by submitit when SLURM signals preemption or the time limit: let the training save a
-            checkpoint, then resubmit the same job with `resume=auto` appended."""
-            stop_child_with_checkpoint()
-            return super().checkpoint(with_resume(list(sweep_overrides)), *args, **kwargs)
-
-    Requeueing.__name__ = Requeueing.__qualname__ = base.__name__
-    return Requeueing
-
-
-def _launchers():
-    from hydra_plugins.hydra_submitit_launcher import submitit_launcher as plugin
-
-    return _requeue_mixin(plugin.SlurmLauncher), _requeue_mixin(plugin.LocalLauncher)
-
-
-try:
-    SlurmLauncher, LocalLauncher = _launchers()
-except ImportError:  # the `slurm` extra is not installed: the preset says so when chosen
-    SlurmLauncher = LocalLauncher = None
 
 
 # ---- sweep summary -----------------------------------------------------------------------------------------------
