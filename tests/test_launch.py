@@ -84,6 +84,11 @@ def test_one_process_never_ignores_a_multi_process_request(tmp_path):
         check_launch(compose_config(base), processes=2)
     with pytest.raises(ConfigError, match="one process"):
         check_launch(compose_config([*base, "parallel=device_map"]), processes=2)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="none is visible"):
+            check_launch(compose_config([*base, "parallel=device_map"]), processes=1)
 
 
 def test_device_map_with_deepspeed_is_refused(tmp_path):

@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 DEEPSPEED_FILE = "deepspeed.json"
 """The DeepSpeed config of a zero* run, as given (`auto` values unfilled), in the run folder."""
 
-MULTI_PROCESS_MODES = ("ddp", "zero2", "zero3", "zero2_offload", "zero3_offload")
-
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -70,10 +68,6 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any] | None:
     return config
 
 
-def zero_stage(config: dict[str, Any] | None) -> int:
-    return int((config or {}).get("zero_optimization", {}).get("stage", 0))
-
-
 def check_launch(cfg: TrainConfig, processes: int) -> None:
     """A multi-process mode started as one process is an error (DDP of one process does nothing), never ignored;
     DeepSpeed on one process is allowed (ZeRO offload, or testing a config) with a warning."""
@@ -85,6 +79,9 @@ def check_launch(cfg: TrainConfig, processes: int) -> None:
         raise ConfigError(f"parallel=device_map runs as one process that spreads the model over the GPUs; it was "
                           f"started as {processes} processes (drop torchrun / NPROC_PER_NODE, or use parallel=ddp, "
                           "zero2 or zero3)")
+    if cfg.parallel.name == "device_map" and not torch.cuda.is_available() and cfg.model.device_map_config is None:
+        raise ConfigError("parallel=device_map spreads the model over GPUs and none is visible (use parallel=single "
+                          "on CPU, or give model.device_map_config)")
     if cfg.parallel.name == "single" and processes > 1:
         raise ConfigError(f"parallel=single, but {processes} processes were started: choose parallel=ddp, zero2 "
                           "or zero3 for several processes")
