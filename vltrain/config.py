@@ -65,6 +65,12 @@ class ModelConfig:
     merge_image_blocks: bool = False
     """V1.5 types: all tiles of a sample's images go into ONE `<img>...</img>` block (their model card's form);
     InternVL2 types: one block per image."""
+    device_max_memory: list[str] = field(default_factory=list)
+    """parallel=device_map: memory to fill on each GPU, one value per device in order (`[15GB,15GB,15GB,15GB]`,
+    ms-swift's `--device_max_memory`). Empty: every visible GPU, 90% of its memory."""
+    device_map_config: str | dict[str, Any] | None = None
+    """parallel=device_map: an explicit module -> device map (a JSON file or a mapping), ms-swift's
+    `--device_map_config`; wins over `device_max_memory`."""
 
     def __post_init__(self):
         if self.init == "pretrained" and not self.path:
@@ -176,10 +182,34 @@ class SftConfig:
             raise ConfigError(f"sft_type.lora_rank must be >= 1, got {self.lora_rank}")
 
 
+PARALLEL_MODES = ("single", "ddp", "zero2", "zero3", "zero2_offload", "zero3_offload", "device_map")
+
+
 @dataclass
 class ParallelConfig:
-    name: Literal["single"] = "single"
-    """How processes and devices are used. `single`: one process, one device."""
+    name: Literal["single", "ddp", "zero2", "zero3", "zero2_offload", "zero3_offload", "device_map"] = "single"
+    """How processes and devices are used (README "Scaling out"): `single` one process on one device; `ddp` one
+    process per device, each holding the whole model; `zero2` / `zero3` DeepSpeed ZeRO stage 2 / 3 (`_offload`:
+    optimizer states, and for ZeRO-3 parameters too, in host memory); `device_map` one process whose model is
+    split layer-wise over the visible GPUs."""
+    deepspeed: str | dict[str, Any] | None = None
+    """The DeepSpeed config of the zero* modes: the mapping in conf/parallel/<mode>.yaml (`auto` values are filled
+    by the Trainer), or a path to the user's own JSON file, which replaces it."""
+    wait_minutes: float = 180.0
+    """How long the other ranks wait for rank 0's one-off work (checkpoint conversion, the data check, hub
+    downloads) before giving up; independent of the collective timeout of training (`trainer.ddp_timeout`)."""
+
+    def __post_init__(self):
+        uses_deepspeed = self.name.startswith("zero")
+        if self.deepspeed is not None and not uses_deepspeed:
+            why = "a device map cannot be combined with DeepSpeed; " if self.name == "device_map" else ""
+            raise ConfigError(f"parallel.deepspeed is set but parallel={self.name} does not use DeepSpeed ({why}"
+                              "pick parallel=zero2 or zero3 to use a DeepSpeed config)")
+        if uses_deepspeed and self.deepspeed is None:
+            raise ConfigError(f"parallel={self.name}: parallel.deepspeed is empty (a DeepSpeed config mapping or a "
+                              "JSON file path)")
+        if self.wait_minutes <= 0:
+            raise ConfigError(f"parallel.wait_minutes must be > 0, got {self.wait_minutes}")
 
 
 @dataclass
@@ -225,6 +255,18 @@ class TrainConfig:
             raise ConfigError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
         if self.model.load_in_8bit and self.sft_type.name != "lora":
             raise ConfigError("model.load_in_8bit: 8-bit weights cannot be trained directly; use sft_type=lora")
+        device_map_keys = [k for k in ("device_max_memory", "device_map_config") if getattr(self.model, k)]
+        if self.parallel.name.startswith("zero") or self.trainer.get("deepspeed"):
+            if device_map_keys:
+                raise ConfigError(f"model.{device_map_keys[0]}: a device map cannot be combined with DeepSpeed "
+                                  f"(parallel={self.parallel.name}); use parallel=device_map without DeepSpeed, "
+                                  "or a zero* mode without a device map")
+        elif device_map_keys and self.parallel.name != "device_map":
+            raise ConfigError(f"model.{device_map_keys[0]} applies to parallel=device_map (now parallel="
+                              f"{self.parallel.name})")
+        if self.trainer.get("deepspeed"):
+            raise ConfigError("trainer.deepspeed: choose parallel=zero2 / zero3 (and parallel.deepspeed=<file.json> "
+                              "for your own config) instead")
 
 
 def training_argument_names() -> set[str]:

@@ -164,8 +164,10 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, conversations: list[Conversation], batch_size: int = 8, generation_config=None,
-                 stop_words: list[str] | None = None, show_progress: bool = False, **overrides) -> list[str]:
-        """One reply per conversation, `batch_size` at a time, left padded (equal to one-by-one replies)."""
+                 stop_words: list[str] | None = None, show_progress: bool = False, synced_gpus: bool = False,
+                 **overrides) -> list[str]:
+        """One reply per conversation, `batch_size` at a time, left padded (equal to one-by-one replies).
+        `overrides`: generation config fields (`max_new_tokens`, `do_sample`, ...)."""
         kwargs = self.generation_kwargs(generation_config, stop_words, **overrides)
         words = kwargs["generation_config"].stop_strings
         starts = range(0, len(conversations), batch_size)
@@ -177,7 +179,7 @@ class Engine:
         with _InferenceMode(self.model):
             for start in starts:
                 batch = self._batch(conversations[start:start + batch_size])
-                out = self.model.generate(**batch, **kwargs)
+                out = self.model.generate(**batch, **kwargs, synced_gpus=synced_gpus)
                 new = out[:, batch["input_ids"].shape[1]:].tolist()
                 replies += [self.decode(ids, words) for ids in new]
         return replies
@@ -293,11 +295,12 @@ class _InferenceMode:
 
 @torch.no_grad()
 def answer_records(model, encoder: Encoder, records: list[Record], max_new_tokens: int = 32,
-                   batch_size: int = 8) -> list[str]:
-    """The model's greedy answer to each record's final query (its history and images as context)."""
+                   batch_size: int = 8, synced_gpus: bool = False) -> list[str]:
+    """The model's greedy answer to each record's final query (its history and images as context). `synced_gpus`:
+    keep stepping until every process is done (DeepSpeed ZeRO-3, where each step gathers weights collectively)."""
     engine = Engine(model, encoder)
     return engine.generate([Conversation.from_record(r) for r in records], batch_size=batch_size,
-                           max_new_tokens=max_new_tokens, do_sample=False)
+                           max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced_gpus)
 
 
 def reference_answers(encoder: Encoder, records: list[Record]) -> list[str]:

@@ -28,6 +28,7 @@ from transformers import (
     InternVLVisionConfig,
     PreTrainedTokenizerBase,
 )
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import is_bitsandbytes_available, is_flash_attn_2_available
 
 from vltrain.config import ConfigError, ModelConfig
@@ -141,12 +142,19 @@ def load_model_tokenizer(cfg: ModelConfig, dtype: torch.dtype | None = None, see
 
 
 def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, dtype: torch.dtype | None = None,
-               seed: int = 42, *, meta: bool = False) -> InternVLForConditionalGeneration:
+               seed: int = 42, *, meta: bool = False, device_map=None,
+               convert_once: bool = False) -> InternVLForConditionalGeneration:
     """The model of `cfg`, on CPU (8-bit: on the GPU, or the CPU), in `dtype` (default: resolved).
 
     `tokenizer` None is allowed for `init: random` (ids from `model.arch`). `meta=True` (random only) builds the
     architecture on the `meta` device: no memory, for counting parameters. `model.drop_path_rate` > 0 adds
     stochastic depth to the vision layers (active in training mode only).
+
+    At scale: under DeepSpeed ZeRO-3 (TrainingArguments built first) the model is created partitioned, random
+    init included, so no process ever holds all of it. `device_map`: a module -> device mapping, or a callable
+    that plans one from the model built on `meta`. `convert_once`: an original-layout checkpoint is converted
+    into an HF-native copy on disk by one process per node (the others wait on a file lock) and loaded from
+    there, instead of every process converting in host memory (forced under ZeRO-3 and with a device map).
     """
     if not meta:  # a count on meta neither runs attention nor quantizes
         check_model_config(cfg)
@@ -155,7 +163,12 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, dtyp
         if meta:
             with torch.device("meta"):
                 return build_random_model(cfg, tokenizer, seed, check_ids=False)
-        model = build_random_model(cfg, tokenizer, seed).to(dtype)
+        if is_deepspeed_zero3_enabled():
+            model = build_random_model(cfg, tokenizer, seed, dtype=dtype, partitioned=True)
+        else:
+            model = build_random_model(cfg, tokenizer, seed).to(dtype)
+            if device_map is not None:
+                model = _dispatch(model, device_map)
         if cfg.load_in_8bit:
             quantize_llm_8bit(model, int8_device())
     else:
@@ -165,7 +178,11 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, dtyp
             raise ConfigError(f"model.path={cfg.path}: a pretrained model loads with its tokenizer "
                               "(load_tokenizer_for)")
         path = resolve_model_path(cfg.path, cfg.hub, cfg.hub_token)
-        model = _load_folder(path, tokenizer, dtype, cfg)
+        from vltrain.model.convert import is_original_layout
+
+        if is_original_layout(path) and (convert_once or is_deepspeed_zero3_enabled() or device_map is not None):
+            path = converted_copy(path, tokenizer, cfg)
+        model = _load_folder(path, tokenizer, dtype, cfg, device_map=device_map)
         _check_vocab(model, tokenizer, path)
     if cfg.drop_path_rate > 0:
         from vltrain.model.internvl import set_drop_path
@@ -176,7 +193,23 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, dtyp
     return model
 
 
-def _load_folder(path: Path, tokenizer, dtype: torch.dtype, cfg: ModelConfig) -> InternVLForConditionalGeneration:
+def _resolve_device_map(device_map, config: InternVLConfig):
+    if not callable(device_map):
+        return device_map
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return device_map(_model_class(config)(config))
+
+
+def _dispatch(model, device_map):
+    from accelerate import dispatch_model
+
+    return dispatch_model(model, device_map=_resolve_device_map(device_map, model.config))
+
+
+def _load_folder(path: Path, tokenizer, dtype: torch.dtype, cfg: ModelConfig,
+                 device_map=None) -> InternVLForConditionalGeneration:
     from vltrain.model.convert import is_original_layout, load_original
 
     if is_original_layout(path):
@@ -188,6 +221,8 @@ def _load_folder(path: Path, tokenizer, dtype: torch.dtype, cfg: ModelConfig) ->
     kwargs = {}
     if cfg.load_in_8bit:
         kwargs = {"quantization_config": int8_config(), "device_map": {"": int8_device()}}
+    elif device_map is not None:
+        kwargs = {"device_map": _resolve_device_map(device_map, config)}
     from safetensors import SafetensorError
 
     try:
@@ -195,6 +230,91 @@ def _load_folder(path: Path, tokenizer, dtype: torch.dtype, cfg: ModelConfig) ->
                                                     attn_implementation=cfg.attn_impl, **kwargs)
     except (OSError, SafetensorError) as e:  # no weights in the folder, an unreadable shard
         raise ConfigError(f"model.path={path}: {str(e).strip().splitlines()[0]}") from None
+
+
+CONVERTED_CACHE = Path("~/.cache/vltrain/converted")
+"""Where original-layout checkpoints are converted once (per node) for multi-process, ZeRO-3 and device-map runs;
+`VLTRAIN_CONVERTED_CACHE` moves it."""
+
+
+def converted_copy(src: Path, tokenizer, cfg: ModelConfig) -> Path:
+    """An HF-native copy of the original-layout folder `src`, converted by the first process of this node to get
+    the lock; the others wait on the lock (no collective timeout runs meanwhile) and reuse the copy. Keyed by the
+    folder and its files' sizes and times, so an updated checkpoint is converted again."""
+    import hashlib
+
+    from filelock import FileLock
+
+    from vltrain.model.convert import save_converted
+
+    src = Path(src).resolve()
+    stamp = "|".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in sorted(src.iterdir())
+                     if f.is_file())
+    key = hashlib.sha256(f"{src}|{stamp}|{cfg.template}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("VLTRAIN_CONVERTED_CACHE", CONVERTED_CACHE)).expanduser()
+    dst = cache / f"{src.name}-{key}"
+    done = dst / ".complete"
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dst) + ".lock"):
+        if not done.is_file():
+            import json
+
+            from vltrain.model.convert import load_original
+
+            log.info("converting %s once into %s (other processes wait for it)", src, dst)
+            original = json.loads((src / "config.json").read_text(encoding="utf-8"))
+            stored = original.get("torch_dtype") or original.get("dtype") or "bfloat16"  # kept as published
+            model = load_original(src, tokenizer, getattr(torch, str(stored).removeprefix("torch.")), cfg.attn_impl)
+            save_converted(model, tokenizer, dst, cfg.template)
+            del model
+            done.write_text(str(src) + "\n", encoding="utf-8")
+    return dst
+
+
+def save_partitioned(model, folder: Path, is_main: bool, shard_bytes: int = 5 * 2**30) -> None:
+    """`save_pretrained` of a model whose weights are partitioned by ZeRO-3: every process gathers one parameter
+    at a time; the main process writes them in safetensors shards of about `shard_bytes` (with the index),
+    so no process ever holds more than one shard besides its partition."""
+    import json
+
+    import deepspeed
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(folder)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(folder)
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    total, size, files = 0, 0, 0
+
+    def flush():
+        nonlocal shard, size, files
+        if shard:
+            files += 1
+            name = f"model-{files:05d}.safetensors"
+            save_file(shard, str(folder / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        shard, size = {}, 0
+
+    state_names = set(model.state_dict().keys())
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if is_main and name in state_names:
+                shard[name] = param.detach().to("cpu", copy=True).contiguous()
+                size += shard[name].numel() * shard[name].element_size()
+                total += shard[name].numel() * shard[name].element_size()
+        if is_main and size >= shard_bytes:
+            flush()
+    if is_main:
+        for name, buffer in model.named_buffers():
+            if name in state_names:
+                shard[name] = buffer.detach().to("cpu", copy=True).contiguous()
+        flush()
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 def internvl_folder_config(path: Path) -> InternVLConfig:
@@ -243,13 +363,15 @@ def quantize_llm_8bit(model: torch.nn.Module, device: torch.device) -> torch.nn.
     return model
 
 
-def build_random_model(cfg: ModelConfig, tokenizer=None, seed: int = 42,
-                       check_ids: bool = True) -> InternVLForConditionalGeneration:
+def build_random_model(cfg: ModelConfig, tokenizer=None, seed: int = 42, check_ids: bool = True,
+                       dtype: torch.dtype | None = None, partitioned: bool = False) -> InternVLForConditionalGeneration:
     """A randomly initialised InternVL of the architecture in `cfg.arch`, seeded so that it is reproducible.
 
     With a tokenizer, its length and `<IMG_CONTEXT>` id are used (and must agree with `arch` where it gives
     them); without, `arch.llm.vocab_size` and `arch.image_token_id`. `check_ids=False` skips the check that
-    `image_token_id` is inside the vocabulary (a count on `meta` never embeds it).
+    `image_token_id` is inside the vocabulary (a count on `meta` never embeds it). `partitioned`: created through
+    transformers' `_from_config`, which under DeepSpeed ZeRO-3 partitions each parameter as it is created
+    (`deepspeed.zero.Init`) and initialises the weights one module at a time, so no process holds the model.
     """
     vocab_size = image_token_id = None
     if tokenizer is not None:
@@ -274,6 +396,8 @@ def build_random_model(cfg: ModelConfig, tokenizer=None, seed: int = 42,
                           f"vocabulary (llm.vocab_size {config.text_config.vocab_size})")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if partitioned:
+            return InternVLForConditionalGeneration._from_config(config, dtype=dtype)
         return InternVLForConditionalGeneration(config)
 
 

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from transformers import TrainingArguments, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from vltrain.config import RUN_CONFIG, ConfigError, TrainConfig, training_defaults
 from vltrain.data.check import DataError, check_splits, enforce, outcome_from_encoded_row
 from vltrain.data.collator import Collator
 from vltrain.data.dataset import (
+    DEFAULT_CACHE,
     EncodedDataset,
     PreEncodedDataset,
     encode_with_datasets,
@@ -24,9 +27,11 @@ from vltrain.data.dataset import (
 from vltrain.data.encode import Encoder
 from vltrain.data.records import RecordError
 from vltrain.model.geometry import vision_geometry
-from vltrain.model.load import load_model, load_tokenizer_for, make_encoder, resolve_dtype
+from vltrain.model.load import load_model, load_tokenizer_for, make_encoder, resolve_dtype, save_partitioned
 from vltrain.model.tuning import apply_sft, trainable_summary
+from vltrain.train import parallel
 from vltrain.train.callbacks import CheckpointRunFiles, JsonlLogger, LossPlot
+from vltrain.train.preempt import PreemptionCheckpoint, RunShape
 from vltrain.train.run import RunFolder, run_config_yaml
 from vltrain.train.trainer import VLTrainer
 
@@ -38,6 +43,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     trainer = build_trainer(cfg)
     result = trainer.train()
     metrics = {"train_loss": result.training_loss, "global_step": result.global_step}
+    preemption = next(c for c in trainer.callback_handler.callbacks if isinstance(c, PreemptionCheckpoint))
+    if preemption.preempted:  # checkpoint saved; the requeued job resumes from it
+        trainer.save_state()
+        return metrics | {"preempted": True}
     # When the last step was just evaluated, report that evaluation rather than run it again.
     final_eval = {k: v for h in trainer.state.log_history if h.get("step") == result.global_step
                   for k, v in h.items() if k.startswith("eval_")}
@@ -50,41 +59,56 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
 
 def build_trainer(cfg: TrainConfig) -> VLTrainer:
-    """Everything a run needs, in order: arguments, tokenizer and encoder, records (every one encoded once and
-    checked), model, trainable parts, trainer. Writes the run folder's config (and the base model, when it is
-    randomly initialised). A bad record stops the run before any weights load (`data.on_error`)."""
+    """Everything a run needs, in order: arguments (DeepSpeed's config among them, so that ZeRO-3 partitions the
+    model as it is created), tokenizer and encoder, records (every one encoded once and checked, on rank 0),
+    model, trainable parts, trainer. Rank 0 writes the run folder's config, DeepSpeed config and the base model
+    (when randomly initialised). A bad record stops the run before any weights load (`data.on_error`)."""
+    world = parallel.world_size()
+    parallel.check_launch(cfg, world)
+    parallel.init_process_group()
     run = RunFolder.for_config(cfg)
     run.create()
     run_dir = run.path
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    args = build_training_arguments(cfg, run_dir, world_size)
+    args = build_training_arguments(cfg, run_dir, world, write=run.is_main)
+    if args.world_size != world:  # a multi-process launch silently training as independent processes
+        raise ConfigError(f"{world} processes were started but the Trainer sees a world of {args.world_size} "
+                          f"(parallel={cfg.parallel.name})")
     set_seed(args.seed)
     tokenizer = load_tokenizer_for(cfg.model)
     encoder = make_encoder(cfg, tokenizer=tokenizer)
-    # data.encode=datasets: the main process encodes first, the other ranks then open its cache.
-    encode_first = (args.main_process_first(local=False, desc="encoding the records")
-                    if cfg.data.encode == "datasets" else contextlib.nullcontext())
-    with encode_first:
-        train_dataset, eval_dataset, val_records = prepare_data(cfg, encoder, run_dir,
-                                                                write_skipped=args.process_index == 0)
+    train_dataset, eval_dataset, val_records = prepare_data_once(cfg, encoder, run_dir)
 
     # Full fine-tuning keeps fp32 master weights under mixed precision; LoRA trains fp32 adapters on a base
     # held in the compute dtype.
     compute_dtype = resolve_dtype(cfg.model.dtype)
+    device_map = None
+    if cfg.parallel.name == "device_map":
+        device_map = functools.partial(parallel.device_map_for, cfg.model)
     model = load_model(cfg.model, tokenizer, dtype=compute_dtype if cfg.sft_type.name == "lora" else torch.float32,
-                       seed=args.seed)
+                       seed=args.seed, device_map=device_map, convert_once=world > 1)
+    if getattr(model, "hf_device_map", None):
+        log.info("device map: %s", sorted(set(model.hf_device_map.values()), key=str))
     if (encoder.tile_size, encoder.image_tokens_per_tile) != vision_geometry(model):
         raise ConfigError(f"model '{cfg.model.name}': its config gives {vision_geometry(model)} (tile px, tokens "
                           f"per tile), model.arch says {(encoder.tile_size, encoder.image_tokens_per_tile)}")
     if cfg.model.init == "random":
         # A random base is part of the run: save it so LoRA checkpoints reload onto the same weights.
         base = run.base_model
-        if run.is_main:
+        if is_deepspeed_zero3_enabled():
+            save_partitioned(model, base, is_main=run.is_main)
+        elif run.is_main:
             model.save_pretrained(base)
+        if run.is_main:
             tokenizer.save_pretrained(base)
+        parallel.wait_for_all(cfg.parallel.wait_minutes)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="pretrained", path=str(base)))
     model = apply_sft(model, cfg.sft_type)
-    log.info("%s", trainable_summary(model))
+    if is_deepspeed_zero3_enabled():  # parameters are partitioned: count their full sizes
+        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+        log.info("trainable %s / %s (ZeRO-3, partitioned over %d processes)",
+                 f"{sum(n for n, t in sizes if t):,}", f"{sum(n for n, _ in sizes):,}", world)
+    else:
+        log.info("%s", trainable_summary(model))
 
     run_config = run_config_yaml(cfg)
     run.write_text(RUN_CONFIG, run_config)
@@ -97,37 +121,70 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
         eval_dataset=eval_dataset,
         data_collator=Collator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[JsonlLogger(run_dir), LossPlot(run_dir), CheckpointRunFiles(run_config)],
+        callbacks=[RunShape(world, cfg.global_batch_size), JsonlLogger(run_dir), LossPlot(run_dir),
+                   CheckpointRunFiles(run_config), PreemptionCheckpoint()],
         encoder=encoder,
         answer_set=val_records[: cfg.eval.generate_samples],
         max_new_tokens=cfg.eval.max_new_tokens,
     )
 
 
-def prepare_data(cfg: TrainConfig, encoder: Encoder, run_dir: Path, write_skipped: bool = True):
-    """(train dataset, eval dataset or None, held-out records): every record read and encoded once, problems
-    handled by `data.on_error` (raise: DataError listing all; skip: rows left out, listed in skipped_rows.jsonl,
-    written when `write_skipped`).
+def prepare_data_once(cfg: TrainConfig, encoder: Encoder, run_dir: Path):
+    """`prepare_data` on rank 0 first (reading the records, hub downloads, the data check; with `data.encode=
+    datasets` the encoding into the shared cache), then on the other ranks, which take rank 0's verdict on bad
+    rows instead of checking again. They wait up to `parallel.wait_minutes`, whatever the collective timeout."""
+    minutes = cfg.parallel.wait_minutes
+    verdict = None
+    result = None
+    with parallel.rank0_first(minutes) as first:
+        if first:
+            try:
+                result = prepare_data(cfg, encoder, run_dir)
+                verdict = ("ok", result[3])
+            except ConfigError as e:  # DataError among them: every rank stops with the same message
+                verdict = ("error", e)
+    verdict = parallel.broadcast_from_rank0(verdict, minutes)
+    if verdict[0] == "error":
+        raise verdict[1]
+    if result is None:
+        result = prepare_data(cfg, encoder, run_dir, write_skipped=False, bad_keys=verdict[1])
+    return result[:3]
+
+
+def prepare_data(cfg: TrainConfig, encoder: Encoder, run_dir: Path, write_skipped: bool = True,
+                 bad_keys: set | None = None):
+    """(train dataset, eval dataset or None, held-out records, keys of the bad rows): every record read and
+    encoded once, problems handled by `data.on_error` (raise: DataError listing all; skip: rows left out, listed
+    in skipped_rows.jsonl, written when `write_skipped`). `bad_keys` given: the check already ran elsewhere
+    (rank 0), its verdict is applied without encoding the records again.
 
     `data.encode=lazy` encodes again in the DataLoader workers; `datasets` keeps this first encoding (HF datasets,
     cached in the run folder under a fingerprint) and serves samples from it.
     """
     read_errors: list[RecordError] = []
-    train_records, val_records = load_splits(cfg.dataset, errors=read_errors)
+    lock_dir = DEFAULT_CACHE.expanduser()
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock_dir / ".download.lock")):  # processes on one machine never fetch a hub dataset twice
+        train_records, val_records = load_splits(cfg.dataset, errors=read_errors)
     splits = {"train": train_records, "val": val_records}
     start = time.perf_counter()
-    if cfg.data.encode == "datasets":
+    if cfg.data.encode == "datasets":  # on the ranks after the first, this opens the cache rank 0 wrote
         unique = list({id(r): r for rs in splits.values() for r in rs}.values())
         encoded = encode_with_datasets(unique, encoder, run_dir / "encoded", cfg.data.num_proc)
         row_of = {id(r): i for i, r in enumerate(unique)}
-        sizes = encoded.select_columns(["input_ids", "labels", "tiles_per_image", "error"])  # not the pixels
-        outcomes = {id(r): outcome_from_encoded_row(row) for r, row in zip(unique, sizes)}
-        report = check_splits(splits, encoder, read_errors=read_errors, outcomes=outcomes)
+    if bad_keys is not None:
+        bad = bad_keys
     else:
-        report = check_splits(splits, encoder, cfg.data.num_proc, read_errors)
-    log.info("data check: %d records encoded in %.1fs (data.num_proc=%d)\n%s", len(train_records) + len(val_records),
-             time.perf_counter() - start, cfg.data.num_proc, report.format(problems=False))
-    bad = enforce(report, cfg.data.on_error, run_dir if write_skipped else None)
+        if cfg.data.encode == "datasets":
+            sizes = encoded.select_columns(["input_ids", "labels", "tiles_per_image", "error"])  # not the pixels
+            outcomes = {id(r): outcome_from_encoded_row(row) for r, row in zip(unique, sizes)}
+            report = check_splits(splits, encoder, read_errors=read_errors, outcomes=outcomes)
+        else:
+            report = check_splits(splits, encoder, cfg.data.num_proc, read_errors)
+        log.info("data check: %d records encoded in %.1fs (data.num_proc=%d)\n%s",
+                 len(train_records) + len(val_records), time.perf_counter() - start, cfg.data.num_proc,
+                 report.format(problems=False))
+        bad = enforce(report, cfg.data.on_error, run_dir if write_skipped else None)
     train_records = [r for r in train_records if r.key not in bad]
     val_records = [r for r in val_records if r.key not in bad]
     if not train_records:
@@ -138,12 +195,14 @@ def prepare_data(cfg: TrainConfig, encoder: Encoder, run_dir: Path, write_skippe
     else:
         def make(records):
             return EncodedDataset(records, encoder)
-    return make(train_records), (make(val_records) if val_records else None), val_records
+    return make(train_records), (make(val_records) if val_records else None), val_records, set(bad)
 
 
-def build_training_arguments(cfg: TrainConfig, run_dir: Path, world_size: int) -> TrainingArguments:
-    """TrainingArguments from the `trainer` block; built before the model (ZeRO-3 partitions at load time)."""
-    kwargs = training_defaults(cfg, world_size)
+def build_training_arguments(cfg: TrainConfig, run_dir: Path, world_size: int,
+                             write: bool = False) -> TrainingArguments:
+    """TrainingArguments from the `trainer` block and the `parallel` mode; built before the model (ZeRO-3
+    partitions at load time). `write`: this process writes the run folder's deepspeed.json."""
+    kwargs = training_defaults(cfg, world_size) | parallel.training_arguments(cfg, run_dir, write)
     has_val = bool(cfg.dataset.val) or cfg.dataset.val_ratio > 0
     if not has_val:
         kwargs["eval_strategy"] = "no"
@@ -151,7 +210,8 @@ def build_training_arguments(cfg: TrainConfig, run_dir: Path, world_size: int) -
     compute_dtype = resolve_dtype(cfg.model.dtype)
     kwargs.setdefault("bf16", on_gpu and compute_dtype == torch.bfloat16)
     kwargs.setdefault("fp16", on_gpu and compute_dtype == torch.float16)
-    kwargs.setdefault("use_cpu", not on_gpu)
+    # accelerate never combines `use_cpu` with DeepSpeed; on CPU the shim in train/parallel.py picks gloo instead
+    kwargs.setdefault("use_cpu", not on_gpu and "deepspeed" not in kwargs)
     if kwargs.get("activation_checkpointing"):
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings under LoRA work.
         kwargs.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})

@@ -65,3 +65,16 @@ def run_config_yaml(cfg: TrainConfig) -> str:
     data["dataset"]["val"] = [absolute_spec(s) for s in cfg.dataset.val]
     data["dataset"]["demo_root"] = None
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def shared_stamp(fmt: str = "%Y%m%d-%H%M%S") -> str:
+    """The launch time as rank 0 read it, on every rank (joins the process group of a multi-process launch):
+    what names the run folder, so that all ranks use one."""
+    import time
+
+    from vltrain.train.parallel import broadcast_from_rank0, init_process_group
+
+    stamp = time.strftime(fmt)
+    if not init_process_group():
+        return stamp
+    return broadcast_from_rank0(stamp)

@@ -46,14 +46,50 @@ class VLTrainer(Trainer):
         return "vision" in trains or "projector" in trains
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
-        """Loss on the held-out split, plus exact-match accuracy of greedy answers on its first rows."""
+        """Loss on the held-out split, plus exact-match accuracy of greedy answers on its first rows (the rows
+        split across ranks, the answers gathered)."""
         metrics = super().evaluate(*args, **kwargs)
         if self.answer_set:
-            answers = answer_records(self.model, self.encoder, self.answer_set, self.max_new_tokens)
+            answers = self._answer_split()
             score = {"eval_exact_match": exact_match(answers, reference_answers(self.encoder, self.answer_set))}
             self.log(score)
             metrics.update(score)
         return metrics
+
+    def _answer_split(self) -> list[str]:
+        """Answers to `answer_set`, split across ranks and gathered. Under ZeRO-3 every rank must run the same
+        forward passes (parameters are gathered collectively, in an order each rank traces): the rows are dealt
+        kind by kind (with images, then text-only), each rank getting the same number of each (padded with a
+        repeated row, whose answer is dropped), so that in every generate call either all ranks run the vision
+        side or none does; generation is synchronised (`synced_gpus`) so that ranks finishing early keep step."""
+        from vltrain.train.parallel import gather_to_all
+
+        world, rank = self.args.world_size, self.args.process_index
+        records = self.answer_set
+        zero3 = is_deepspeed_zero3_enabled()
+        kinds = [list(range(len(records)))]
+        if zero3:
+            with_media = [i for i, r in enumerate(records) if r.images or r.videos]
+            kinds = [with_media, [i for i in range(len(records)) if i not in set(with_media)]]
+        batch = 8  # rows per generate call, as answer_records batches by default
+        mine: list[int] = []
+        answers: list[str] = []
+        for rows in kinds:
+            if not rows:
+                continue
+            share = rows[rank::world]
+            share += [share[-1] if share else rows[0]] * (-(-len(rows) // world) - len(share))  # padding
+            for start in range(0, len(share), batch):
+                chunk = share[start:start + batch]
+                answers += answer_records(self.model, self.encoder, [records[i] for i in chunk], self.max_new_tokens,
+                                          batch_size=len(chunk), **({"synced_gpus": True} if zero3 else {}))
+            mine += share
+        if world == 1:
+            return answers
+        by_index: dict[int, str] = {}
+        for indices, texts in gather_to_all((mine, answers)):
+            by_index.update(zip(indices, texts))
+        return [by_index[i] for i in range(len(records))]
 
 
 @contextmanager
