@@ -24,11 +24,11 @@ from vltrain.model import convert
 from vltrain.model.convert import (
     ConversionError,
     convert_config,
-    is_original_layout,
     load_original,
     split_grouped_qkv,
 )
 from vltrain.model.internvl import InternVLPsV1ForConditionalGeneration, model_class
+from vltrain.model.original import is_original_layout
 from vltrain.model.tokenizer import add_internvl_tokens, load_tokenizer
 from vltrain.model.tuning import apply_sft
 

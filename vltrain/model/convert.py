@@ -52,8 +52,13 @@ from transformers import (
 from vltrain.config import ConfigError
 from vltrain.data.templates import chat_template_jinja, get_template
 from vltrain.model.generation import configure_generation
-from vltrain.model.geometry import tokens_per_tile
+from vltrain.model.geometry import original_geometry
 from vltrain.model.internvl import PS_V1, model_class
+from vltrain.model.original import (
+    is_original_layout,
+    original_top_level,
+    original_vision,
+)
 from vltrain.model.tokenizer import IMAGE_CONTEXT_TOKEN, SlowLlamaTokenizer, single_token_id
 from vltrain.progress import progress
 
@@ -64,14 +69,6 @@ class ConversionError(ConfigError):
     """An original checkpoint that cannot be converted; the message names the file and the keys."""
 
 
-# InternVisionConfig's class defaults (InternViT-6B): what the official code uses for keys absent from
-# config.json. InternViT-6B-448px-V1-5's config.json omits norm_type and qk_normalization, for example.
-ORIGINAL_VISION_DEFAULTS = {
-    "num_channels": 3, "patch_size": 14, "image_size": 224, "qkv_bias": False, "hidden_size": 3200,
-    "num_attention_heads": 25, "intermediate_size": 12800, "qk_normalization": True, "num_hidden_layers": 48,
-    "hidden_act": "gelu", "norm_type": "rms_norm", "layer_norm_eps": 1e-6, "dropout": 0.0, "attention_dropout": 0.0,
-    "initializer_range": 0.02, "initializer_factor": 0.1,
-}
 # InternLM2Config's class defaults (the official internlm2/configuration_internlm2.py).
 INTERNLM2_DEFAULTS = {
     "vocab_size": 103168, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -79,29 +76,9 @@ INTERNLM2_DEFAULTS = {
     "initializer_range": 0.02, "rms_norm_eps": 1e-6, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
     "bias": True, "rope_theta": 10000.0, "rope_scaling": None,
 }
-# InternVLChatConfig's top-level defaults.
-ORIGINAL_DEFAULTS = {"select_layer": -1, "force_image_size": None, "downsample_ratio": 0.5, "ps_version": "v1"}
-
 LLM_FAMILIES = {"InternLM2ForCausalLM": "internlm2", "Phi3ForCausalLM": "phi3", "Qwen2ForCausalLM": "qwen2",
                 "LlamaForCausalLM": "llama"}
 _TEXT_CONFIG = {"phi3": Phi3Config, "qwen2": Qwen2Config, "llama": LlamaConfig}
-
-
-def is_original_layout(path: Path) -> bool:
-    """True for a folder whose config.json is an InternVLChatModel config (the published, remote-code layout)."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        return False
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
-    return is_original_config(config)
-
-
-def is_original_config(config: dict) -> bool:
-    """True for a config.json dict of the original layout (`InternVLChatConfig`)."""
-    return config.get("model_type") == "internvl_chat" or "InternVLChatModel" in (config.get("architectures") or [])
 
 
 # ---- config ------------------------------------------------------------------------------------------------
@@ -109,8 +86,8 @@ def is_original_config(config: dict) -> bool:
 
 def convert_config(original: dict, image_token_id: int) -> InternVLConfig:
     """The native InternVLConfig of an original `InternVLChatConfig` dict (config.json as published)."""
-    top = _top_level(original)
-    vision = _vision(original)
+    top = original_top_level(original)
+    vision = original_vision(original)
     image_size, tokens = original_geometry(original)
     patch_size = vision["patch_size"]
     if vision["qk_normalization"] and not math.isclose(vision["layer_norm_eps"], 1e-6):
@@ -152,22 +129,6 @@ def convert_config(original: dict, image_token_id: int) -> InternVLConfig:
         ps_version=top["ps_version"],
     )
     return config
-
-
-def _top_level(original: dict) -> dict:
-    return {**ORIGINAL_DEFAULTS, **{k: v for k, v in original.items() if v is not None}}
-
-
-def _vision(original: dict) -> dict:
-    return {**ORIGINAL_VISION_DEFAULTS, **(original.get("vision_config") or {})}
-
-
-def original_geometry(original: dict) -> tuple[int, int]:
-    """(tile size in pixels, `<IMG_CONTEXT>` tokens per tile) of an original config.json dict: the model resizes
-    its position embeddings to `force_image_size` when that is set; absent keys take the original class defaults."""
-    vision = _vision(original)
-    image_size = original.get("force_image_size") or vision["image_size"]
-    return image_size, tokens_per_tile(image_size, vision["patch_size"], _top_level(original)["downsample_ratio"])
 
 
 def llm_family(llm: dict) -> str:

@@ -37,9 +37,9 @@ from vltrain.model.convert import (
     _PROJECTOR,
     _VISION_LAYER,
     fuse_grouped_qkv,
-    is_original_layout,
     save_converted,
 )
+from vltrain.model.original import is_original_layout
 
 log = logging.getLogger(__name__)
 

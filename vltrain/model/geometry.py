@@ -10,11 +10,19 @@ from transformers import InternVLVisionConfig
 
 from vltrain.config import ConfigError, ModelConfig
 from vltrain.model.hub import resolve_model_path
+from vltrain.model.original import is_original_config, original_sizes
 
 
 def tokens_per_tile(image_size: int, patch_size: int, downsample_ratio: float) -> int:
     """`<IMG_CONTEXT>` tokens of one tile: (image_size / patch_size)^2 patches, pixel-shuffled by the ratio."""
     return int((image_size // patch_size) ** 2 * downsample_ratio**2)
+
+
+
+def original_geometry(original: dict) -> tuple[int, int]:
+    """(tile size in pixels, `<IMG_CONTEXT>` tokens per tile) of an original config.json dict."""
+    image_size, patch_size, downsample_ratio = original_sizes(original)
+    return image_size, tokens_per_tile(image_size, patch_size, downsample_ratio)
 
 
 def model_geometry(cfg: ModelConfig) -> tuple[int, int]:
@@ -38,8 +46,6 @@ def folder_geometry(path: Path) -> tuple[int, int]:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{config_file}: cannot read the model config ({e})") from None
-    from vltrain.model.convert import is_original_config, original_geometry
-
     if is_original_config(config):
         return original_geometry(config)
     vision = config.get("vision_config") or {}

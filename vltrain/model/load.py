@@ -178,7 +178,7 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, dtyp
             raise ConfigError(f"model.path={cfg.path}: a pretrained model loads with its tokenizer "
                               "(load_tokenizer_for)")
         path = resolve_model_path(cfg.path, cfg.hub, cfg.hub_token)
-        from vltrain.model.convert import is_original_layout
+        from vltrain.model.original import is_original_layout
 
         if is_original_layout(path) and (convert_once or is_deepspeed_zero3_enabled() or device_map is not None):
             path = converted_copy(path, tokenizer, cfg)
@@ -210,7 +210,8 @@ def _dispatch(model, device_map):
 
 def _load_folder(path: Path, tokenizer, dtype: torch.dtype, cfg: ModelConfig,
                  device_map=None) -> InternVLForConditionalGeneration:
-    from vltrain.model.convert import is_original_layout, load_original
+    from vltrain.model.convert import load_original
+    from vltrain.model.original import is_original_layout
 
     if is_original_layout(path):
         model = load_original(path, tokenizer, dtype, cfg.attn_impl)
