@@ -44,12 +44,15 @@ from torch.utils.data import DataLoader, Dataset
 from vltrain.config import ConfigError, DatasetConfig
 from vltrain.data.encode import Encoder, Sample
 from vltrain.data.records import Record, RecordError, read_records
-from vltrain.data.tiling import normalise
+from vltrain.data.tiling import normalise as normalise_tiles
+from vltrain.progress import progress
 
 log = logging.getLogger(__name__)
 
 _SPEC = re.compile(r"^(?:(?P<hub>HF|MS)::)?(?P<name>.+?)(?:#(?P<n>\d+))?$")
 DEFAULT_CACHE = Path("~/.cache/vltrain/datasets")
+DEFAULT_ENCODE_CACHE = Path(os.environ.get("VLTRAIN_ENCODE_CACHE", "~/.cache/vltrain/encoded"))
+"""Where `data.encode_cache: null` keeps encoded records (the environment variable moves it, e.g. for tests)."""
 
 
 # ---- hub datasets ---------------------------------------------------------------------------------------------
@@ -301,17 +304,66 @@ def load_splits(cfg: DatasetConfig, errors: list[RecordError] | None = None,
 
 
 class EncodedDataset(Dataset):
-    """Encodes record i on access (in DataLoader workers), so images are decoded only when needed."""
+    """Encodes record i on access (in DataLoader workers), so images are decoded only when needed. Tiles come out
+    as uint8 pixels (4x fewer bytes between processes); the collator normalises them. `lengths`: tokens per record,
+    from the data check (for length grouping and packing)."""
 
-    def __init__(self, records: list[Record], encoder: Encoder):
+    def __init__(self, records: list[Record], encoder: Encoder, lengths: list[int] | None = None):
         self.records = records
         self.encoder = encoder
+        self.lengths = lengths
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> Sample:
-        return self.encoder(self.records[index])
+        return self.encoder(self.records[index], normalise=False)
+
+
+# ---- packing --------------------------------------------------------------------------------------------------
+
+
+def pack_groups(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Indices of records grouped into packs of at most `max_length` tokens (best fit, longest first: a few
+    percent of padding at most on realistic mixes). No record is split; each pack lists its records in dataset
+    order; packs come in the order of their first record. Deterministic."""
+    import bisect
+
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    packs: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, pack number), sorted: the tightest pack that fits is found by
+    for i in order:                   # bisection
+        n = lengths[i]
+        if n > max_length:
+            raise ValueError(f"a record of {n} tokens does not fit data.max_length={max_length}")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            space, p = free.pop(k)
+            packs[p].append(i)
+            if space - n > 0:
+                bisect.insort(free, (space - n, p))
+        else:
+            packs.append([i])
+            if max_length - n > 0:
+                bisect.insort(free, (max_length - n, len(packs) - 1))
+    groups = [sorted(p) for p in packs]
+    return sorted(groups, key=lambda g: g[0])
+
+
+class PackedDataset(Dataset):
+    """Packs of samples (`pack_groups`): item i is the list of samples of pack i, in order; `Collator(packing=True)`
+    puts them in one row. `lengths` are the packs' token counts (for length grouping)."""
+
+    def __init__(self, dataset: Dataset, lengths: list[int], max_length: int):
+        self.dataset = dataset
+        self.groups = pack_groups(lengths, max_length)
+        self.lengths = [sum(lengths[i] for i in g) for g in self.groups]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> list[Sample]:
+        return [self.dataset[i] for i in self.groups[index]]
 
 
 # ---- encoding up front with HF datasets -----------------------------------------------------------------------
@@ -429,10 +481,13 @@ _ENCODING_CODE = (*sorted(Path(__file__).parent.glob("*.py")), Path(__file__).pa
 
 
 def fingerprint(records: list[Record], encoder: Encoder) -> str:
-    """Hash of everything an encoded sample depends on: the records (their text, media references and where they
-    come from), their media files (path, size and mtime; a URL by its address, as it is fetched only once), the
-    encoder's settings and tokenizer, the encoding code and the versions of the libraries it calls."""
-    h = hashlib.sha256()
+    """Hash (HF `datasets`' `Hasher`) of everything an encoded sample depends on: the records (their text, media
+    references and where they come from), their media files (path, size and mtime; a URL by its address, as it is
+    fetched only once), the encoder's settings and tokenizer, the encoding code and the versions of the libraries
+    it calls."""
+    from datasets.fingerprint import Hasher
+
+    h = Hasher()
     for record in records:
         fields = dataclasses.asdict(record)
         media = [_file_stamp(p) for p in [*record.images, *record.videos]]
@@ -443,14 +498,15 @@ def fingerprint(records: list[Record], encoder: Encoder) -> str:
     for source in _ENCODING_CODE:
         h.update(source.read_bytes())
     h.update(_library_versions().encode())
-    return h.hexdigest()[:32]
+    return h.hexdigest()
 
 
 def encode_with_datasets(records: list[Record], encoder: Encoder, cache_dir: Path | None = None,
                          num_proc: int = 1):
     """Encode every record (in `num_proc` processes) into an Arrow file read back as an HF `datasets.Dataset`,
     one row per record in order (`encode_row`). Cached under `cache_dir` (default: the HF datasets cache) by
-    `fingerprint`: a second call with the same records and settings only opens the file.
+    `fingerprint`: a second call with the same records and settings only opens the file. Entries are never
+    deleted by vltrain (delete the folder to reclaim the space).
 
     Safe when several processes (ranks, nodes on a shared folder) encode the same records at once: each writes a
     folder of its own and renames it into place when complete; the first rename wins, the others are discarded.
@@ -467,7 +523,8 @@ def encode_with_datasets(records: list[Record], encoder: Encoder, cache_dir: Pat
         # Small write batches: a row can hold tens of MB of tiles.
         writer = ArrowWriter(features=_features(), path=str(tmp / "encoded.arrow"), writer_batch_size=8)
         try:
-            for row in parallel_map(functools.partial(encode_row, encoder), records, num_proc):
+            rows = parallel_map(functools.partial(encode_row, encoder), records, num_proc)
+            for row in progress(rows, len(records), desc="encoding records", unit="records"):
                 writer.write(row)
             writer.finalize()
         except BaseException:  # interrupted or failed: leave no partial copy (it can be GBs) behind
@@ -485,25 +542,47 @@ def encode_with_datasets(records: list[Record], encoder: Encoder, cache_dir: Pat
     return datasets.Dataset.from_file(str(final / "encoded.arrow"))
 
 
-def row_to_sample(row: dict[str, Any]) -> Sample:
+def row_to_sample(row: dict[str, Any], normalise: bool = True) -> Sample:
+    """A row of the encoded cache as a Sample; `normalise=False` keeps the tiles as their uint8 pixels."""
+    pixels = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(row["pixel_shape"]) if row["pixel_shape"] else None
+    if pixels is not None:
+        pixels = normalise_tiles(pixels) if normalise else torch.from_numpy(pixels.copy())  # copy: writable
     return Sample(
         input_ids=torch.from_numpy(np.asarray(row["input_ids"], dtype=np.int64)),  # 50x faster than torch.tensor
         labels=torch.from_numpy(np.asarray(row["labels"], dtype=np.int64)),
-        pixel_values=normalise(np.frombuffer(row["pixels"], dtype=np.uint8).reshape(row["pixel_shape"]))
-        if row["pixel_shape"] else None,
+        pixel_values=pixels,
         tiles_per_image=list(row["tiles_per_image"]),
     )
 
 
 class PreEncodedDataset(Dataset):
-    """Samples read back from `encode_with_datasets`' cache; `rows` selects (and orders) the rows served."""
+    """Samples read back from `encode_with_datasets`' cache, tiles as uint8 (the collator normalises them); `rows`
+    selects (and orders) the rows served. `lengths`: tokens per served row."""
 
-    def __init__(self, encoded, rows: list[int] | None = None):
+    def __init__(self, encoded, rows: list[int] | None = None, lengths: list[int] | None = None):
         self.encoded = encoded
         self.rows = list(range(len(encoded))) if rows is None else rows
+        self.lengths = lengths
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> Sample:
-        return row_to_sample(self.encoded[self.rows[index]])
+        return row_to_sample(self.encoded[self.rows[index]], normalise=False)
+
+
+# ---- threads --------------------------------------------------------------------------------------------------
+
+
+def share_cores(num_workers: int) -> int:
+    """Give torch's intra-op threads the cores the data workers leave free (at least one) and return that number.
+
+    torch starts one intra-op thread per core; with data workers beside them the cores are oversubscribed, and
+    OpenMP threads that wait for each other at every op then lose whole time slices to any other busy process
+    (5x slower steps with one competing process on 2 cores). An explicit `OMP_NUM_THREADS` is left alone."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores - num_workers)
+    torch.set_num_threads(threads)
+    return threads

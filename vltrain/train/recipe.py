@@ -13,13 +13,16 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 from vltrain.config import RUN_CONFIG, ConfigError, TrainConfig, training_defaults
-from vltrain.data.check import DataError, check_splits, enforce, outcome_from_encoded_row
+from vltrain.data import dataset as dataset_module
+from vltrain.data.check import DataError, check_splits, enforce, iter_outcomes, outcome_from_encoded_row
 from vltrain.data.collator import Collator
 from vltrain.data.dataset import (
     EncodedDataset,
+    PackedDataset,
     PreEncodedDataset,
     encode_with_datasets,
     load_splits,
+    share_cores,
 )
 from vltrain.data.encode import Encoder
 from vltrain.data.records import RecordError
@@ -67,6 +70,11 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
     with encode_first:
         train_dataset, eval_dataset, val_records = prepare_data(cfg, encoder, run_dir,
                                                                 write_skipped=args.process_index == 0)
+    # Workers kept across epochs and evaluations (no restart at each epoch); torch's threads on the cores they
+    # leave free.
+    if "dataloader_persistent_workers" not in cfg.trainer and args.dataloader_num_workers > 0:
+        args.dataloader_persistent_workers = True
+    share_cores(args.dataloader_num_workers)
 
     # Full fine-tuning keeps fp32 master weights under mixed precision; LoRA trains fp32 adapters on a base
     # held in the compute dtype.
@@ -95,7 +103,7 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=Collator(tokenizer.pad_token_id),
+        data_collator=Collator(tokenizer.pad_token_id, packing=cfg.data.packing),
         processing_class=tokenizer,
         callbacks=[JsonlLogger(run_dir), LossPlot(run_dir), CheckpointRunFiles(run_config)],
         encoder=encoder,
@@ -109,22 +117,25 @@ def prepare_data(cfg: TrainConfig, encoder: Encoder, run_dir: Path, write_skippe
     handled by `data.on_error` (raise: DataError listing all; skip: rows left out, listed in skipped_rows.jsonl,
     written when `write_skipped`).
 
-    `data.encode=lazy` encodes again in the DataLoader workers; `datasets` keeps this first encoding (HF datasets,
-    cached in the run folder under a fingerprint) and serves samples from it.
+    `data.encode=datasets` keeps this first encoding (HF datasets, in `data.encode_cache` under a fingerprint, so
+    a rerun on the same data encodes nothing) and serves samples from it; `lazy` encodes again in the DataLoader
+    workers. The check's token counts give the datasets their `lengths` (length grouping, packing); with
+    `data.packing` the training split is served as packs (`PackedDataset`).
     """
     read_errors: list[RecordError] = []
     train_records, val_records = load_splits(cfg.dataset, errors=read_errors)
     splits = {"train": train_records, "val": val_records}
     start = time.perf_counter()
+    unique = list({id(r): r for rs in splits.values() for r in rs}.values())
     if cfg.data.encode == "datasets":
-        unique = list({id(r): r for rs in splits.values() for r in rs}.values())
-        encoded = encode_with_datasets(unique, encoder, run_dir / "encoded", cfg.data.num_proc)
+        cache = Path(cfg.data.encode_cache or dataset_module.DEFAULT_ENCODE_CACHE).expanduser()
+        encoded = encode_with_datasets(unique, encoder, cache, cfg.data.num_proc)
         row_of = {id(r): i for i, r in enumerate(unique)}
         sizes = encoded.select_columns(["input_ids", "labels", "tiles_per_image", "error"])  # not the pixels
         outcomes = {id(r): outcome_from_encoded_row(row) for r, row in zip(unique, sizes)}
-        report = check_splits(splits, encoder, read_errors=read_errors, outcomes=outcomes)
     else:
-        report = check_splits(splits, encoder, cfg.data.num_proc, read_errors)
+        outcomes = dict(zip([id(r) for r in unique], list(iter_outcomes(unique, encoder, cfg.data.num_proc))))
+    report = check_splits(splits, encoder, read_errors=read_errors, outcomes=outcomes)
     log.info("data check: %d records encoded in %.1fs (data.num_proc=%d)\n%s", len(train_records) + len(val_records),
              time.perf_counter() - start, cfg.data.num_proc, report.format(problems=False))
     bad = enforce(report, cfg.data.on_error, run_dir if write_skipped else None)
@@ -132,13 +143,20 @@ def prepare_data(cfg: TrainConfig, encoder: Encoder, run_dir: Path, write_skippe
     val_records = [r for r in val_records if r.key not in bad]
     if not train_records:
         raise DataError("no training rows left after leaving out the bad ones")
-    if cfg.data.encode == "datasets":
-        def make(records):
-            return PreEncodedDataset(encoded, [row_of[id(r)] for r in records])
-    else:
-        def make(records):
-            return EncodedDataset(records, encoder)
-    return make(train_records), (make(val_records) if val_records else None), val_records
+
+    def make(records):
+        lengths = [outcomes[id(r)].tokens for r in records]
+        if cfg.data.encode == "datasets":
+            return PreEncodedDataset(encoded, [row_of[id(r)] for r in records], lengths)
+        return EncodedDataset(records, encoder, lengths)
+
+    train_dataset = make(train_records)
+    if cfg.data.packing:
+        train_dataset = PackedDataset(train_dataset, train_dataset.lengths, cfg.data.max_length)
+        log.info("data.packing: %d training records in %d packs of up to %d tokens (%.1f%% of the tokens real)",
+                 len(train_records), len(train_dataset), cfg.data.max_length,
+                 100 * sum(train_dataset.lengths) / (len(train_dataset) * cfg.data.max_length))
+    return train_dataset, (make(val_records) if val_records else None), val_records
 
 
 def build_training_arguments(cfg: TrainConfig, run_dir: Path, world_size: int) -> TrainingArguments:

@@ -24,6 +24,18 @@ class VLTrainer(Trainer):
         self.answer_set = answer_set
         self.max_new_tokens = max_new_tokens
 
+    def _get_train_sampler(self, train_dataset=None):
+        """`trainer.train_sampling_strategy=group_by_length` groups by the token counts the data check measured
+        (the dataset's `lengths`), instead of the Trainer encoding every sample to learn its length."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = getattr(dataset, "lengths", None)
+        if self.args.train_sampling_strategy == "group_by_length" and lengths is not None:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=lengths)
+        return super()._get_train_sampler(train_dataset)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The batch loss. A batch without images still runs the vision tower and projector, on one all-zero tile,
         where another rank may be running them on real images: under ZeRO-3 (or FSDP) always, since parameters
