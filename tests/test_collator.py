@@ -53,3 +53,13 @@ def test_uint8_tiles_are_normalised_like_the_encoder_does():
     batch = collate([a, b], pad_id=0)
     assert batch["pixel_values"].dtype == torch.float32
     assert torch.equal(batch["pixel_values"], normalise(pixels.numpy()))  # same bits as normalising in the encoder
+
+
+def test_uint8_tiles_left_for_the_device_normalise_to_the_same_bits():
+    from vltrain.data.tiling import normalise, normalise_tensor
+
+    pixels = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    batch = collate([Sample(torch.tensor([1, 2]), torch.tensor([-100, 2]), pixels, [2])], pad_id=0,
+                    normalise_tiles=False)
+    assert batch["pixel_values"].dtype == torch.uint8
+    assert torch.equal(normalise_tensor(batch["pixel_values"]), normalise(pixels.numpy()))

@@ -1,7 +1,7 @@
 """Collation: encoded samples -> one batch for InternVLForConditionalGeneration, padded or packed.
 
-Tiles may arrive as uint8 pixels (4x fewer bytes from the DataLoader workers); they are normalised here, with the
-function the encoder uses (`vltrain.data.tiling.normalise`), so the floats are the same bits.
+Tiles arrive as uint8 pixels (4x fewer bytes than floats); they are normalised here with the function the encoder
+uses (`vltrain.data.tiling.normalise`, the same bits), or left uint8 for the trainer to normalise on the GPU.
 """
 
 from __future__ import annotations
@@ -13,17 +13,20 @@ from vltrain.data.encode import IGNORE_INDEX, Sample
 from vltrain.data.tiling import normalise
 
 
-def _pixel_values(samples: list[Sample]) -> torch.Tensor | None:
-    """All tiles of `samples` in order, (T, 3, S, S) float32; uint8 tiles are normalised once, after the concat."""
+def _pixel_values(samples: list[Sample], normalise_tiles: bool = True) -> torch.Tensor | None:
+    """All tiles of `samples` in order, (T, 3, S, S) float32; uint8 tiles are normalised once, after the concat
+    (`normalise_tiles=False`: left uint8, for the trainer to normalise on the device)."""
     tiles = [s.pixel_values for s in samples if s.pixel_values is not None]
     if not tiles:
         return None
     if all(t.dtype == torch.uint8 for t in tiles):
-        return normalise(np.concatenate([t.numpy() for t in tiles]))
+        pixels = np.concatenate([t.numpy() for t in tiles])
+        return normalise(pixels) if normalise_tiles else torch.from_numpy(pixels)
     return torch.cat([normalise(t.numpy()) if t.dtype == torch.uint8 else t for t in tiles])
 
 
-def collate(samples: list[Sample], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+def collate(samples: list[Sample], pad_id: int, padding_side: str = "right",
+            normalise_tiles: bool = True) -> dict[str, torch.Tensor]:
     """Pad token sequences and concatenate image tiles.
 
     Notation: B samples, L = longest sequence, T_b tiles in sample b, T = sum of T_b.
@@ -38,7 +41,8 @@ def collate(samples: list[Sample], pad_id: int, padding_side: str = "right") -> 
 
     Returns:
       input_ids (B, L) int64, labels (B, L) int64, attention_mask (B, L) int64,
-      tiles_per_sample (B,) int64, and pixel_values (T, 3, H, W) float32 only when T > 0.
+      tiles_per_sample (B,) int64, and pixel_values (T, 3, H, W) float32 only when T > 0 (uint8 with
+      `normalise_tiles=False` when the samples hold uint8 tiles).
     """
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
@@ -59,13 +63,13 @@ def collate(samples: list[Sample], pad_id: int, padding_side: str = "right") -> 
         "attention_mask": attention_mask,
         "tiles_per_sample": torch.tensor([sum(s.tiles_per_image) for s in samples], dtype=torch.long),
     }
-    pixel_values = _pixel_values(samples)
+    pixel_values = _pixel_values(samples, normalise_tiles)
     if pixel_values is not None:
         out["pixel_values"] = pixel_values
     return out
 
 
-def collate_packed(samples: list[Sample]) -> dict[str, torch.Tensor]:
+def collate_packed(samples: list[Sample], normalise_tiles: bool = True) -> dict[str, torch.Tensor]:
     """All samples in ONE row, each record keeping its own attention, positions and labels.
 
     Notation: N = sum of the samples' lengths.
@@ -91,7 +95,7 @@ def collate_packed(samples: list[Sample]) -> dict[str, torch.Tensor]:
         "tiles_per_sample": torch.tensor([sum(s.tiles_per_image) for s in samples], dtype=torch.long),
         "use_cache": False,  # transformers reads packed position ids only without a KV cache
     }
-    pixel_values = _pixel_values(samples)
+    pixel_values = _pixel_values(samples, normalise_tiles)
     if pixel_values is not None:
         out["pixel_values"] = pixel_values
     return out
@@ -99,14 +103,19 @@ def collate_packed(samples: list[Sample]) -> dict[str, torch.Tensor]:
 
 class Collator:
     """A picklable `collate` bound to a pad id, for DataLoader workers. With `packing`, items are packs (lists of
-    samples, `vltrain.data.dataset.PackedDataset`) and a batch of packs becomes one packed row."""
+    samples, `vltrain.data.dataset.PackedDataset`) and a batch of packs becomes one packed row.
+    `normalise_tiles=False` leaves uint8 tiles uint8 (4x fewer bytes to the device, where the trainer normalises
+    them: `VLTrainer._prepare_inputs`)."""
 
-    def __init__(self, pad_id: int, padding_side: str = "right", packing: bool = False):
+    def __init__(self, pad_id: int, padding_side: str = "right", packing: bool = False,
+                 normalise_tiles: bool = True):
         self.pad_id = pad_id
         self.padding_side = padding_side
         self.packing = packing
+        self.normalise_tiles = normalise_tiles
 
     def __call__(self, items: list) -> dict[str, torch.Tensor]:
         if self.packing:
-            return collate_packed([s for item in items for s in (item if isinstance(item, list) else [item])])
-        return collate(items, self.pad_id, self.padding_side)
+            samples = [s for item in items for s in (item if isinstance(item, list) else [item])]
+            return collate_packed(samples, self.normalise_tiles)
+        return collate(items, self.pad_id, self.padding_side, self.normalise_tiles)

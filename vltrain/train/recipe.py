@@ -103,7 +103,8 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=Collator(tokenizer.pad_token_id, packing=cfg.data.packing),
+        data_collator=Collator(tokenizer.pad_token_id, packing=cfg.data.packing,
+                               normalise_tiles=not torch.cuda.is_available()),  # GPU: uint8 to the device
         processing_class=tokenizer,
         callbacks=[JsonlLogger(run_dir), LossPlot(run_dir), CheckpointRunFiles(run_config)],
         encoder=encoder,
