@@ -243,27 +243,32 @@ def test_datasets_encoding_gives_identical_samples(tmp_path, encoder, mixed):
     assert sum(len(t) for t in tiles) == 5 and max(max(t, default=0) for t in tiles) > 1  # multi-tile images too
 
 
+def entries(cache: Path) -> list[Path]:
+    """Complete entries of the encoded cache (datasets' layout: one folder per fingerprint)."""
+    return list(cache.glob("generator/*/*/dataset_info.json"))
+
+
 def test_datasets_cache_is_reused_and_keyed_by_media(tmp_path, encoder, mixed, monkeypatch):
     records = mixed[:3]
     cache = tmp_path / "cache"
     first = encode_with_datasets(records, encoder, cache)
-    assert len(list(cache.iterdir())) == 1
+    assert len(entries(cache)) == 1
     with monkeypatch.context() as patch:
         patch.setattr(ds, "encode_row", lambda *a: pytest.fail("encoded again"))
         again = encode_with_datasets(records, encoder, cache)
     assert again[2]["input_ids"] == first[2]["input_ids"]
-    assert len(list(cache.iterdir())) == 1
+    assert len(entries(cache)) == 1
     # Another encoder setting is another entry.
     other = Encoder(encoder.tokenizer, "Hermes-2", None, max_tiles=2, max_length=4096, image_tokens_per_tile=4)
     with monkeypatch.context() as patch:
         patch.setattr(ds, "encode_row", lambda *a: pytest.fail("encoded again"))
         with pytest.raises(pytest.fail.Exception, match="encoded again"):
             encode_with_datasets(records, other, cache)
-    assert len(list(cache.iterdir())) == 1  # the failed encoding left nothing behind
+    assert len(entries(cache)) == 1  # the failed encoding left nothing behind
     # Rewriting an image changes the fingerprint: encoded again, into a second entry.
     Image.new("RGB", (448, 448), (0, 200, 0)).save(Path(records[1].images[0]))
     encode_with_datasets(records, encoder, cache)
-    assert len(list(cache.iterdir())) == 2
+    assert len(entries(cache)) == 2
 
 
 def test_stored_uint8_tiles_give_the_same_floats(tmp_path, encoder, mixed):

@@ -23,6 +23,7 @@ epoch). Whole run: those combined for `--epochs` epochs.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -41,7 +42,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from vltrain.data.check import iter_outcomes, outcome_from_encoded_row
-from vltrain.data.dataset import PreEncodedDataset, encode_with_datasets
+from vltrain.data.dataset import PreEncodedDataset, encode_row, encode_with_datasets, parallel_map
 from vltrain.data.encode import Encoder
 from vltrain.data.media import load_image, load_video_frames
 from vltrain.data.records import Record, read_records
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=2, help="runs of each row; the least CPU time is kept")
+    parser.add_argument("--procs", type=int, default=2, help="processes for the datasets-API comparison (1: skip)")
     parser.add_argument("--swift-python", default="/work/swift-venv/bin/python",
                         help="Python of a virtual environment with ms-swift 2.x (skipped when absent)")
     args = parser.parse_args(argv)
@@ -265,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         served = PreEncodedDataset(encode_with_datasets(records, encoder, cache))
         epoch = timed(lambda: read_back(served), r)
         reopen = timed(lambda: outcome_sizes(encode_with_datasets(records, encoder, cache)), r)
+        writers = datasets_api(records, encoder, folder / "api", args.procs) if args.procs > 1 else []
 
     n, e = len(records), args.epochs
     print(f"\n## One pass over {n} records (CPU seconds of one process, one thread; least of {r} runs)\n")
@@ -294,9 +297,57 @@ def main(argv: list[str] | None = None) -> int:
     print("| run | seconds | x first row |\n|---|---:|---:|")
     for name, seconds in runs:
         print(f"| {name} | {seconds:.2f} | {seconds / base:.2f} |")
+    if writers:
+        print(f"\n## Encoding into the Arrow cache with {args.procs} processes (wall seconds, one run each)\n")
+        print("| writer | seconds | x from_generator |\n|---|---:|---:|")
+        for name, seconds in writers:
+            print(f"| {name} | {seconds:.2f} | {seconds / writers[0][1]:.2f} |")
     print(f"\nencode cache: {size_mb:.0f} MB for {sum(tiles)} tiles ({size_mb / sum(tiles):.2f} MB per tile)")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
+
+
+def _map_row(row: dict, records: list[Record], encoder: Encoder) -> dict:
+    return encode_row(encoder, records[row["index"]])
+
+
+def hand_rolled(records: list[Record], encoder: Encoder, path: Path, procs: int) -> None:
+    """The cache writer vltrain had before `Dataset.from_generator`: DataLoader worker processes
+    (`parallel_map`) feeding one `ArrowWriter`."""
+    from datasets.arrow_writer import ArrowWriter
+
+    from vltrain.data.dataset import _features
+
+    path.parent.mkdir(parents=True)
+    writer = ArrowWriter(features=_features(), path=str(path), writer_batch_size=8)
+    for row in parallel_map(functools.partial(encode_row, encoder), records, procs):
+        writer.write(row)
+    writer.finalize()
+    writer.close()
+
+
+def datasets_api(records: list[Record], encoder: Encoder, folder: Path, procs: int) -> list[tuple[str, float]]:
+    """Wall seconds to encode `records` into an Arrow cache with `procs` processes: vltrain's
+    `encode_with_datasets` (HF datasets' `Dataset.from_generator`) against the hand-rolled writer it replaced and
+    against `Dataset.map(num_proc=...)` over an index column."""
+    import datasets
+
+    from vltrain.data.dataset import _features
+
+    out = []
+    start = time.perf_counter()
+    encode_with_datasets(records, encoder, folder / "ours", procs)
+    out.append((f"encode_with_datasets: Dataset.from_generator(num_proc={procs})", time.perf_counter() - start))
+    start = time.perf_counter()
+    hand_rolled(records, encoder, folder / "hand" / "encoded.arrow", procs)
+    out.append((f"hand-rolled: {procs} DataLoader workers + one ArrowWriter (before)", time.perf_counter() - start))
+    start = time.perf_counter()
+    index = datasets.Dataset.from_dict({"index": list(range(len(records)))})
+    index.map(_map_row, fn_kwargs={"records": records, "encoder": encoder}, num_proc=procs, features=_features(),
+              remove_columns=["index"], cache_file_name=str(folder / "map" / "encoded.arrow"), writer_batch_size=8,
+              new_fingerprint="bench")
+    out.append((f"Dataset.map(num_proc={procs}) over an index column", time.perf_counter() - start))
+    return out
 
 
 def outcome_sizes(encoded) -> list:
