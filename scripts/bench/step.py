@@ -1,6 +1,6 @@
 """Benchmark: what vltrain adds around the model's forward and backward, and how long the trainer waits for data.
 
-The demo's training (tiny random InternVL, demo data, batch 4, LoRA as the demo runs it; `data.encode` as
+The demo's training (tiny random InternVL, 480 demo rows, batch 4, LoRA as the demo runs it; `data.encode` as
 configured, default `datasets`) runs `--steps` optimizer steps under vltrain's Trainer; then a bare PyTorch loop
 does the same forward, backward, gradient clipping and AdamW step on the same model, the same batches (collated
 in memory beforehand) and the same thread count. Steps after the first `--warmup` are timed.
@@ -57,10 +57,14 @@ class TimedLoader:
             yield batch
 
 
-def config(folder: Path, steps: int, workers: int, extra: list[str]):
+def config(folder: Path, data: Path, steps: int, workers: int, extra: list[str]):
+    """The demo's training config (tiny model, demo recipe) on `data`'s demo rows, caches under `data`."""
+    from vltrain.data.demo import write_demo_dataset
+
+    demo = write_demo_dataset(data / "demo", n_train=480, n_val=20)
     return compose_config([
-        f"dataset.demo_root={folder / 'demo'}", f"dataset.train=[{folder / 'demo' / 'train.jsonl'}]",
-        f"dataset.val=[{folder / 'demo' / 'val.jsonl'}]", f"data.encode_cache={folder / 'encoded'}",
+        f"dataset.demo_root={data / 'demo'}", f"dataset.train=[{demo.train}]", f"dataset.val=[{demo.val}]",
+        f"data.encode_cache={data / 'encoded'}",
         "trainer.eval_strategy=no", "trainer.save_strategy=no", "trainer.eval_on_start=false",
         f"trainer.max_steps={steps}", "trainer.logging_steps=1000", "trainer.logging_first_step=false",
         f"trainer.dataloader_num_workers={workers}", "trainer.report_to=[]", *extra,
@@ -121,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--workers", type=int, default=1, help="trainer.dataloader_num_workers (demo default: 1)")
     parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--data", type=Path, help="folder for the demo rows and the encode cache (kept; default: "
+                                                  "a temporary folder)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. data.encode=lazy")
     args = parser.parse_args(argv)
     import logging
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        cfg = config(folder, args.warmup + args.steps + 1, args.workers, args.overrides)
+        cfg = config(folder, args.data or folder, args.warmup + args.steps + 1, args.workers, args.overrides)
         # gradient accumulation 1: one batch per step, so the data wait and the step are measured on one batch
         cfg.trainer["gradient_accumulation_steps"] = 1
         steps, waits, trainer = vltrain_steps(cfg, args.warmup)
