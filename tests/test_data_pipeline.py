@@ -82,3 +82,8 @@ def test_torch_threads_leave_the_workers_their_cores(monkeypatch):
         assert share_cores(1) == 2  # an explicit setting is kept
     finally:
         torch.set_num_threads(before)
+
+
+def test_allocator_keeps_freed_memory_once_per_process():
+    assert ds.keep_freed_memory() is True  # glibc on Linux
+    assert os.getpid() in ds._ALLOCATOR_TUNED and ds.keep_freed_memory() is True

@@ -244,8 +244,8 @@ def test_datasets_encoding_gives_identical_samples(tmp_path, encoder, mixed):
 
 
 def entries(cache: Path) -> list[Path]:
-    """Complete entries of the encoded cache (datasets' layout: one folder per fingerprint)."""
-    return list(cache.glob("generator/*/*/dataset_info.json"))
+    """Complete entries of the encoded cache (one folder per fingerprint)."""
+    return [p for p in cache.iterdir() if (p / "complete.json").is_file()]
 
 
 def test_datasets_cache_is_reused_and_keyed_by_media(tmp_path, encoder, mixed, monkeypatch):

@@ -23,11 +23,11 @@ epoch). Whole run: those combined for `--epochs` epochs.
 from __future__ import annotations
 
 import argparse
-import functools
 import io
 import json
 import os
 import random
+import resource
 import statistics
 import struct
 import subprocess
@@ -42,7 +42,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from vltrain.data.check import iter_outcomes, outcome_from_encoded_row
-from vltrain.data.dataset import PreEncodedDataset, encode_row, encode_with_datasets, parallel_map
+from vltrain.data.dataset import (
+    PreEncodedDataset,
+    encode_row,
+    encode_with_datasets,
+    keep_freed_memory,
+)
 from vltrain.data.encode import Encoder
 from vltrain.data.media import load_image, load_video_frames
 from vltrain.data.records import Record, read_records
@@ -231,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="Python of a virtual environment with ms-swift 2.x (skipped when absent)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    keep_freed_memory()  # as the DataLoader workers do (vltrain.data.dataset)
     print(f"load average before: {os.getloadavg()[0]:.2f} (cores: {os.cpu_count()}); one process per row")
     real = SHARED_INTERNLM2.is_dir()
     tokenizer_dir = SHARED_INTERNLM2 if real else EMBEDDED_TOKENIZER
@@ -298,10 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, seconds in runs:
         print(f"| {name} | {seconds:.2f} | {seconds / base:.2f} |")
     if writers:
-        print(f"\n## Encoding into the Arrow cache with {args.procs} processes (wall seconds, one run each)\n")
-        print("| writer | seconds | x from_generator |\n|---|---:|---:|")
-        for name, seconds in writers:
-            print(f"| {name} | {seconds:.2f} | {seconds / writers[0][1]:.2f} |")
+        print(f"\n## Encoding into the Arrow cache with {args.procs} processes (one run each)\n")
+        print("| writer | wall s | x vltrain | CPU s (all processes) | x vltrain |\n|---|---:|---:|---:|---:|")
+        for name, wall, cpu in writers:
+            print(f"| {name} | {wall:.2f} | {wall / writers[0][1]:.2f} | {cpu:.2f} | {cpu / writers[0][2]:.2f} |")
     print(f"\nencode cache: {size_mb:.0f} MB for {sum(tiles)} tiles ({size_mb / sum(tiles):.2f} MB per tile)")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
@@ -311,42 +317,48 @@ def _map_row(row: dict, records: list[Record], encoder: Encoder) -> dict:
     return encode_row(encoder, records[row["index"]])
 
 
-def hand_rolled(records: list[Record], encoder: Encoder, path: Path, procs: int) -> None:
-    """The cache writer vltrain had before `Dataset.from_generator`: DataLoader worker processes
-    (`parallel_map`) feeding one `ArrowWriter`."""
-    from datasets.arrow_writer import ArrowWriter
-
-    from vltrain.data.dataset import _features
-
-    path.parent.mkdir(parents=True)
-    writer = ArrowWriter(features=_features(), path=str(path), writer_batch_size=8)
-    for row in parallel_map(functools.partial(encode_row, encoder), records, procs):
-        writer.write(row)
-    writer.finalize()
-    writer.close()
+def _generate_rows(shards: list[list[int]], records: tuple[Record, ...], encoder: Encoder):
+    for shard in shards:  # datasets hands each process a slice of the `shards` list
+        for i in shard:
+            yield encode_row(encoder, records[i])
 
 
-def datasets_api(records: list[Record], encoder: Encoder, folder: Path, procs: int) -> list[tuple[str, float]]:
-    """Wall seconds to encode `records` into an Arrow cache with `procs` processes: vltrain's
-    `encode_with_datasets` (HF datasets' `Dataset.from_generator`) against the hand-rolled writer it replaced and
-    against `Dataset.map(num_proc=...)` over an index column."""
+def _cpu() -> float:
+    """CPU seconds of this process and of its finished children (the worker processes)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def datasets_api(records: list[Record], encoder: Encoder, folder: Path, procs: int) -> list[tuple[str, float, float]]:
+    """(writer, wall seconds, CPU seconds with the workers) to encode `records` into an Arrow cache with `procs`
+    processes: vltrain's `encode_with_datasets` (DataLoader workers feeding one ArrowWriter) against HF datasets'
+    `Dataset.from_generator(num_proc=...)` (contiguous shards, our fingerprint given so nothing is hashed) and
+    `Dataset.map(num_proc=...)` over an index column."""
     import datasets
 
-    from vltrain.data.dataset import _features
+    from vltrain.data.dataset import _features, fingerprint
 
+    bounds = [len(records) * k // procs for k in range(procs + 1)]
+    shards = [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+    writers = {
+        f"vltrain encode_with_datasets ({procs} DataLoader workers + ArrowWriter)":
+            lambda: encode_with_datasets(records, encoder, folder / "ours", procs),
+        f"datasets Dataset.from_generator(num_proc={procs})":
+            lambda: datasets.Dataset.from_generator(
+                _generate_rows, features=_features(), cache_dir=str(folder / "gen"), num_proc=procs,
+                gen_kwargs={"shards": shards, "records": tuple(records), "encoder": encoder},
+                fingerprint=fingerprint(records, encoder), writer_batch_size=8),
+        f"datasets Dataset.map(num_proc={procs}) over an index column":
+            lambda: datasets.Dataset.from_dict({"index": list(range(len(records)))}).map(
+                _map_row, fn_kwargs={"records": records, "encoder": encoder}, num_proc=procs, features=_features(),
+                remove_columns=["index"], cache_file_name=str(folder / "map" / "encoded.arrow"), writer_batch_size=8,
+                new_fingerprint="bench"),
+    }
     out = []
-    start = time.perf_counter()
-    encode_with_datasets(records, encoder, folder / "ours", procs)
-    out.append((f"encode_with_datasets: Dataset.from_generator(num_proc={procs})", time.perf_counter() - start))
-    start = time.perf_counter()
-    hand_rolled(records, encoder, folder / "hand" / "encoded.arrow", procs)
-    out.append((f"hand-rolled: {procs} DataLoader workers + one ArrowWriter (before)", time.perf_counter() - start))
-    start = time.perf_counter()
-    index = datasets.Dataset.from_dict({"index": list(range(len(records)))})
-    index.map(_map_row, fn_kwargs={"records": records, "encoder": encoder}, num_proc=procs, features=_features(),
-              remove_columns=["index"], cache_file_name=str(folder / "map" / "encoded.arrow"), writer_batch_size=8,
-              new_fingerprint="bench")
-    out.append((f"Dataset.map(num_proc={procs}) over an index column", time.perf_counter() - start))
+    for name, write in writers.items():
+        wall, cpu = time.perf_counter(), _cpu()
+        write()
+        out.append((name, time.perf_counter() - wall, _cpu() - cpu))
     return out
 
 

@@ -11,8 +11,8 @@ does; on the command line quote such a spec (`'dataset.train=["data.jsonl#1000"]
 `dataset.seed`, so a later evaluation can rebuild exactly the rows the run never trained on.
 
 Samples reach the Trainer one of two ways (`data.encode`), giving identical tensors:
-  - `datasets` (default): `encode_with_datasets` encodes every record once, up front (`num_proc` processes, HF
-    `datasets.Dataset.from_generator`), into Arrow files (memory-mapped) in a cache shared across runs
+  - `datasets` (default): `encode_with_datasets` encodes every record once, up front (`num_proc` processes), into an
+    Arrow file opened as an HF `datasets.Dataset` (memory-mapped) in a cache shared across runs
     (`data.encode_cache`), keyed by a fingerprint of the records, their media files, the encoder's settings, the
     tokenizer, the encoding code and library versions; the data check reads its sizes from them and
     `PreEncodedDataset` serves the samples: no encoding per epoch, none at all on a rerun on the same data.
@@ -25,7 +25,10 @@ counts the check measured (`lengths`, also what `group_by_length` sorts by).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -33,6 +36,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import socket
 import urllib.parse
 from dataclasses import dataclass
@@ -305,6 +309,25 @@ def load_splits(cfg: DatasetConfig, errors: list[RecordError] | None = None,
 # ---- lazy encoding --------------------------------------------------------------------------------------------
 
 
+_ALLOCATOR_TUNED: set[int] = set()
+
+
+def keep_freed_memory() -> bool:
+    """Let this process's C allocator (glibc) keep large freed blocks for reuse: tiles and batches (tens of MB)
+    are then carved from memory already mapped instead of mmap'ed, page-faulted and unmapped for every sample,
+    which made normalising tiles cost 3x the whole encoding (kernel time). Once per process (DataLoader workers
+    call it on their first sample); False where there is no glibc `mallopt`."""
+    if os.getpid() in _ALLOCATOR_TUNED:
+        return True
+    _ALLOCATOR_TUNED.add(os.getpid())
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 class EncodedDataset(Dataset):
     """Encodes record i on access (in DataLoader workers), so images are decoded only when needed. Tiles come out
     as uint8 pixels (4x fewer bytes between processes); the collator normalises them. `lengths`: tokens per record,
@@ -319,6 +342,7 @@ class EncodedDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> Sample:
+        keep_freed_memory()
         return self.encoder(self.records[index], normalise=False)
 
 
@@ -503,38 +527,49 @@ def fingerprint(records: list[Record], encoder: Encoder) -> str:
     return h.hexdigest()
 
 
-def _encoded_rows(shards: list[list[int]], records: list[Record], encoder: Encoder, num_shards: int):
-    """The rows of `encode_row` for the records of `shards` (datasets hands each process a slice of the list)."""
-    for shard in shards:
-        desc = "encoding records" if num_shards == 1 else f"encoding records ({shard[0]}-{shard[-1]})"
-        for i in progress(shard, desc=desc, unit="records"):
-            yield encode_row(encoder, records[i])
-
-
 def encode_with_datasets(records: list[Record], encoder: Encoder, cache_dir: Path | None = None,
                          num_proc: int = 1):
-    """Encode every record (in `num_proc` processes) into Arrow files read back as an HF `datasets.Dataset`,
-    one row per record in order (`encode_row`), with `datasets.Dataset.from_generator`. Cached under `cache_dir`
-    (default `DEFAULT_ENCODE_CACHE`) by `fingerprint`: a second call with the same records and settings only opens
-    the files. Entries are never deleted by vltrain (delete the folder to reclaim the space).
+    """Encode every record (in `num_proc` processes) into an Arrow file read back as an HF `datasets.Dataset`,
+    one row per record in order (`encode_row`). Cached under `cache_dir` (default: the HF datasets cache) by
+    `fingerprint`: a second call with the same records and settings only opens the file. Entries are never
+    deleted by vltrain (delete the folder to reclaim the space).
 
-    Several processes (ranks, nodes on a shared folder) may encode the same records at once: datasets writes
-    into an incomplete folder under a file lock and moves it into place when complete; an interrupted or failed
-    encoding leaves no partial copy behind.
+    Written by DataLoader worker processes (`parallel_map`) feeding one `ArrowWriter`, not with datasets'
+    `Dataset.from_generator` / `Dataset.map(num_proc=...)`: those took 1.3-1.7x the CPU and wall time on the same
+    records (`scripts/bench/data.py`, BENCHMARKS.md).
+
+    Safe when several processes (ranks, nodes on a shared folder) encode the same records at once: each writes a
+    folder of its own and renames it into place when complete; the first rename wins, the others are discarded.
     """
     import datasets
+    from datasets.arrow_writer import ArrowWriter
 
     root = Path(cache_dir or DEFAULT_ENCODE_CACHE).expanduser()
-    num_proc = max(1, min(num_proc, len(records)))
-    # Contiguous shards: datasets concatenates the processes' outputs in shard order, so rows stay in order.
-    bounds = [len(records) * k // num_proc for k in range(num_proc + 1)]
-    shards = [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
-    return datasets.Dataset.from_generator(
-        _encoded_rows, features=_features(), cache_dir=str(root), num_proc=num_proc if num_proc > 1 else None,
-        gen_kwargs={"shards": shards, "records": tuple(records), "encoder": encoder, "num_shards": num_proc},
-        fingerprint=fingerprint(records, encoder),
-        writer_batch_size=8,  # small write batches: a row can hold tens of MB of tiles
-    )
+    final = root / fingerprint(records, encoder)
+    if not (final / "complete.json").is_file():
+        tmp = root / f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        # Small write batches: a row can hold tens of MB of tiles.
+        writer = ArrowWriter(features=_features(), path=str(tmp / "encoded.arrow"), writer_batch_size=8)
+        try:
+            rows = parallel_map(functools.partial(encode_row, encoder), records, num_proc)
+            for row in progress(rows, len(records), desc="encoding records", unit="records"):
+                writer.write(row)
+            writer.finalize()
+        except BaseException:  # interrupted or failed: leave no partial copy (it can be GBs) behind
+            writer.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        writer.close()
+        (tmp / "complete.json").write_text(json.dumps({"rows": len(records)}), encoding="utf-8")
+        try:
+            tmp.rename(final)  # atomic; fails when `final` exists (another process renamed its copy first)
+        except OSError:
+            if not (final / "complete.json").is_file():
+                raise
+            shutil.rmtree(tmp)
+    return datasets.Dataset.from_file(str(final / "encoded.arrow"))
 
 
 def row_to_sample(row: dict[str, Any], normalise: bool = True) -> Sample:
@@ -563,6 +598,7 @@ class PreEncodedDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> Sample:
+        keep_freed_memory()
         return row_to_sample(self.encoded[self.rows[index]], normalise=False)
 
 
