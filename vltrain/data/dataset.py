@@ -57,8 +57,6 @@ log = logging.getLogger(__name__)
 
 _SPEC = re.compile(r"^(?:(?P<hub>HF|MS)::)?(?P<name>.+?)(?:#(?P<n>\d+))?$")
 DEFAULT_CACHE = Path("~/.cache/vltrain/datasets")
-DEFAULT_ENCODE_CACHE = Path(os.environ.get("VLTRAIN_ENCODE_CACHE", "~/.cache/vltrain/encoded"))
-"""Where `data.encode_cache: null` keeps encoded records (the environment variable moves it, e.g. for tests)."""
 
 
 # ---- hub datasets ---------------------------------------------------------------------------------------------
@@ -309,7 +307,7 @@ def load_splits(cfg: DatasetConfig, errors: list[RecordError] | None = None,
 # ---- lazy encoding --------------------------------------------------------------------------------------------
 
 
-_ALLOCATOR_TUNED: set[int] = set()
+_ALLOCATOR_TUNED: dict[int, bool] = {}
 
 
 def keep_freed_memory() -> bool:
@@ -317,15 +315,17 @@ def keep_freed_memory() -> bool:
     are then carved from memory already mapped instead of mmap'ed, page-faulted and unmapped for every sample,
     which made normalising tiles cost 3x the whole encoding (kernel time). Once per process (DataLoader workers
     call it on their first sample); False where there is no glibc `mallopt`."""
-    if os.getpid() in _ALLOCATOR_TUNED:
-        return True
-    _ALLOCATOR_TUNED.add(os.getpid())
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
+    pid = os.getpid()
+    if pid not in _ALLOCATOR_TUNED:
+        try:
+            mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        except (OSError, AttributeError):
+            _ALLOCATOR_TUNED[pid] = False
+        else:
+            m_trim_threshold, m_mmap_threshold = -1, -3
+            _ALLOCATOR_TUNED[pid] = bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold,
+                                                                                                1 << 30))
+    return _ALLOCATOR_TUNED[pid]
 
 
 class EncodedDataset(Dataset):
@@ -393,6 +393,10 @@ class PackedDataset(Dataset):
 
 
 # ---- encoding up front with HF datasets -----------------------------------------------------------------------
+
+
+DEFAULT_ENCODE_CACHE = Path(os.environ.get("VLTRAIN_ENCODE_CACHE", "~/.cache/vltrain/encoded"))
+"""Where `data.encode_cache: null` keeps encoded records (the environment variable moves it, e.g. for tests)."""
 
 
 def try_encode(encoder: Encoder, record: Record, normalise: bool = True) -> tuple[Sample | None, RecordError | None]:
