@@ -183,7 +183,11 @@ def decode_resize(record: Record) -> int:
 # CPU seconds of this process (user + system), not wall time: on a shared machine the wall time of one process
 # swings with the load of the others, its CPU time much less. Every row runs in one process and one thread.
 def run(fn, records, repeat: int = 1) -> float:
-    return timed(lambda: [fn(r) for r in records], repeat)
+    """`fn` over `records`, each result dropped at once (as a training loop drops a batch)."""
+    def loop():
+        for record in records:
+            fn(record)
+    return timed(loop, repeat)
 
 
 def timed(fn, repeat: int = 1) -> float:
