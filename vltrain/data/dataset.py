@@ -539,8 +539,8 @@ def encode_with_datasets(records: list[Record], encoder: Encoder, cache_dir: Pat
     deleted by vltrain (delete the folder to reclaim the space).
 
     Written by DataLoader worker processes (`parallel_map`) feeding one `ArrowWriter`, not with datasets'
-    `Dataset.from_generator` / `Dataset.map(num_proc=...)`: those took 1.3-1.7x the CPU and wall time on the same
-    records (`scripts/bench/data.py`, BENCHMARKS.md).
+    `Dataset.from_generator` / `Dataset.map(num_proc=...)`: with 2 processes those took 1.4-1.9x the CPU and wall
+    time on the same records, and were no faster in one (`scripts/bench/data.py`, BENCHMARKS.md).
 
     Safe when several processes (ranks, nodes on a shared folder) encode the same records at once: each writes a
     folder of its own and renames it into place when complete; the first rename wins, the others are discarded.
