@@ -74,9 +74,13 @@ def test_torch_threads_leave_the_workers_their_cores(monkeypatch):
     before = torch.get_num_threads()
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
         assert share_cores(1) == 3 and torch.get_num_threads() == 3
         assert share_cores(8) == 1
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on the machine: two cores each
+        assert share_cores(1) == 1 and share_cores(0) == 2
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         torch.set_num_threads(2)
         assert share_cores(1) == 2  # an explicit setting is kept

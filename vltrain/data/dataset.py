@@ -610,14 +610,17 @@ class PreEncodedDataset(Dataset):
 
 
 def share_cores(num_workers: int) -> int:
-    """Give torch's intra-op threads the cores the data workers leave free (at least one) and return that number.
+    """Give torch's intra-op threads the cores this process's data workers leave free (at least one) and return
+    that number. Several ranks on one machine (`LOCAL_WORLD_SIZE`) split its cores first.
 
-    torch starts one intra-op thread per core; with data workers beside them the cores are oversubscribed, and
-    OpenMP threads that wait for each other at every op then lose whole time slices to any other busy process
-    (5x slower steps with one competing process on 2 cores). An explicit `OMP_NUM_THREADS` is left alone."""
+    torch starts one intra-op thread per core; with data workers (and other ranks) beside them the cores are
+    oversubscribed, and OpenMP threads that wait for each other at every op then lose whole time slices to any
+    other busy process (8x slower steps of the demo beside one busy process on 2 cores,
+    `scripts/bench/contention.py`). An explicit `OMP_NUM_THREADS` is left alone."""
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores - num_workers)
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    threads = max(1, cores // ranks - num_workers)
     torch.set_num_threads(threads)
     return threads
