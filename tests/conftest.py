@@ -43,3 +43,15 @@ def real_tokenizer(shared_tokenizers):
         return tok
 
     return load
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _encode_cache_in_tmp(tmp_path_factory):
+    """Encoded records (`data.encode_cache: null`) go to a temporary folder, never the user's cache; subprocesses
+    inherit the variable."""
+    import os
+
+    os.environ["VLTRAIN_ENCODE_CACHE"] = str(tmp_path_factory.mktemp("encoded"))
+    from vltrain.data import dataset
+
+    dataset.DEFAULT_ENCODE_CACHE = Path(os.environ["VLTRAIN_ENCODE_CACHE"])

@@ -262,7 +262,8 @@ def test_on_error_skip_leaves_out_and_lists_bad_rows(corpus, tmp_path, encode):
     from vltrain.train.recipe import build_trainer
 
     path, expected = corpus
-    cfg = train_config(tmp_path, path, "data.on_error=skip", f"data.encode={encode}")
+    cfg = train_config(tmp_path, path, "data.on_error=skip", f"data.encode={encode}",
+                       f"data.encode_cache={tmp_path / 'encoded'}")
     trainer = build_trainer(cfg)
     assert len(trainer.train_dataset) == 3  # the three good rows, nothing substituted
     sources = [(r.source, r.line) for r in trainer.train_dataset.records] if encode == "lazy" else None
@@ -284,3 +285,20 @@ def test_hub_dataset_offline_is_one_clear_error(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("vltrain.check: dataset.train[0]: coco-en-2-mini: needs the Hugging Face Hub")
     assert "Traceback" not in err
+
+
+def test_check_progress_on_a_non_terminal_stream_is_plain_periodic_lines(good, monkeypatch, capsys):
+    """A log file or pipe gets one line per interval (count, rate, ETA), never a carriage return."""
+    from vltrain.data import check as check_module
+
+    monkeypatch.setattr(check_module, "PROGRESS_INTERVAL", 0.0)  # a line after every record
+    train_path, _ = good
+    cfg = compose_config(["dataset=custom", f"dataset.train=[{train_path}]", "dataset.val_ratio=0"])
+    records, _ = load_splits(cfg.dataset)
+    check_module.check_records(records, make_encoder(cfg))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("data check: ")]
+    assert "\r" not in err
+    assert len(lines) == len(records)
+    assert lines[0].startswith(f"data check: 1/{len(records)} records") and "records/s" in lines[0]
+    assert "ETA" in lines[0] and f"{len(records)}/{len(records)} records (100%)" in lines[-1]

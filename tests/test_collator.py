@@ -42,3 +42,24 @@ def test_text_only_batch_has_no_pixel_values():
 def test_bad_padding_side():
     with pytest.raises(ValueError, match="padding_side"):
         collate([sample([1], [1])], pad_id=0, padding_side="middle")
+
+
+def test_uint8_tiles_are_normalised_like_the_encoder_does():
+    from vltrain.data.tiling import normalise
+
+    pixels = torch.randint(0, 256, (3, 3, 4, 4), dtype=torch.uint8)
+    a = Sample(torch.tensor([1, 2]), torch.tensor([-100, 2]), pixels[:2], [2])
+    b = Sample(torch.tensor([3]), torch.tensor([-100]), pixels[2:], [1])
+    batch = collate([a, b], pad_id=0)
+    assert batch["pixel_values"].dtype == torch.float32
+    assert torch.equal(batch["pixel_values"], normalise(pixels.numpy()))  # same bits as normalising in the encoder
+
+
+def test_uint8_tiles_left_for_the_device_normalise_to_the_same_bits():
+    from vltrain.data.tiling import normalise, normalise_tensor
+
+    pixels = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    batch = collate([Sample(torch.tensor([1, 2]), torch.tensor([-100, 2]), pixels, [2])], pad_id=0,
+                    normalise_tiles=False)
+    assert batch["pixel_values"].dtype == torch.uint8
+    assert torch.equal(normalise_tensor(batch["pixel_values"]), normalise(pixels.numpy()))

@@ -19,10 +19,13 @@ from vltrain.config import ConfigError
 from vltrain.data.dataset import parallel_map, row_error, try_encode
 from vltrain.data.encode import IGNORE_INDEX, Encoder
 from vltrain.data.records import Record, RecordError
+from vltrain.progress import progress
 
 log = logging.getLogger(__name__)
 
 SKIPPED_ROWS = "skipped_rows.jsonl"
+PROGRESS_INTERVAL = 5.0
+"""Seconds between progress lines of the data check on a non-terminal stream."""
 
 
 # ---- encoding every record ------------------------------------------------------------------------------------
@@ -57,8 +60,10 @@ def encode_outcome(encoder: Encoder, record: Record, keep_ids: bool = False) -> 
 
 def iter_outcomes(records: list[Record], encoder: Encoder, num_proc: int = 1,
                   keep_ids: bool = False) -> Iterator[Outcome]:
-    """Encode `records` in order, in `num_proc` DataLoader worker processes when > 1; pixels stay in the workers."""
-    yield from parallel_map(functools.partial(encode_outcome, encoder, keep_ids=keep_ids), records, num_proc)
+    """Encode `records` in order, in `num_proc` worker processes when > 1; pixels stay in the workers. Progress
+    goes to stderr (`vltrain.progress.progress`: a bar on a terminal, a line every few seconds elsewhere)."""
+    outcomes = parallel_map(functools.partial(encode_outcome, encoder, keep_ids=keep_ids), records, num_proc)
+    yield from progress(outcomes, len(records), desc="data check", unit="records", interval=PROGRESS_INTERVAL)
 
 
 def outcome_from_encoded_row(row: dict) -> Outcome:
@@ -158,7 +163,7 @@ def check_splits(splits: dict[str, list[Record]], encoder: Encoder, num_proc: in
             unique.setdefault(id(r), r)
     if outcomes is None:
         todo = list(unique.values())
-        outcomes = dict(zip(unique, iter_outcomes(todo, encoder, num_proc, keep_ids)))
+        outcomes = dict(zip(unique, list(iter_outcomes(todo, encoder, num_proc, keep_ids))))  # list: the closing line
     report = CheckReport(splits={}, problems=[], max_length=encoder.max_length, unreadable=len(problems))
     for name, records in splits.items():
         stats = report.splits[name] = SplitStats()

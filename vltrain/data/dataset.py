@@ -11,16 +11,22 @@ does; on the command line quote such a spec (`'dataset.train=["data.jsonl#1000"]
 `dataset.seed`, so a later evaluation can rebuild exactly the rows the run never trained on.
 
 Samples reach the Trainer one of two ways (`data.encode`), giving identical tensors:
-  - `lazy`: `EncodedDataset` encodes record i when the DataLoader asks for it (in its workers);
-  - `datasets`: `encode_with_datasets` encodes every record up front (`num_proc` processes) into an Arrow file
-    opened as an HF `datasets.Dataset` (memory-mapped), cached on disk under a fingerprint of the records, their
-    media files, the encoder's settings and the encoding code; `PreEncodedDataset` reads samples back from it.
-    Tiles are stored as their uint8 pixels (0.6 MB per 448 px tile) and normalised when read, by the function the
-    lazy path uses (`vltrain.data.tiling.normalise`), so the floats are the same bits.
+  - `datasets` (default): `encode_with_datasets` encodes every record once, up front (`num_proc` processes), into an
+    Arrow file opened as an HF `datasets.Dataset` (memory-mapped) in a cache shared across runs
+    (`data.encode_cache`), keyed by a fingerprint of the records, their media files, the encoder's settings, the
+    tokenizer, the encoding code and library versions; the data check reads its sizes from them and
+    `PreEncodedDataset` serves the samples: no encoding per epoch, none at all on a rerun on the same data.
+  - `lazy`: `EncodedDataset` encodes record i when the DataLoader asks for it (in its workers), every epoch.
+Tiles are kept and served as their uint8 pixels (0.6 MB per 448 px tile) and normalised in the collator (CPU) or
+on the GPU (`VLTrainer._prepare_inputs`) by the function the encoder uses, so the floats are the same bits.
+`PackedDataset` groups samples into packs of up to `data.max_length` tokens (`data.packing`), from the token
+counts the check measured (`lengths`, also what `group_by_length` sorts by).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import functools
 import hashlib
@@ -44,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 from vltrain.config import ConfigError, DatasetConfig
 from vltrain.data.encode import Encoder, Sample
 from vltrain.data.records import Record, RecordError, read_records
-from vltrain.data.tiling import normalise
+from vltrain.data.tiling import normalise as normalise_tiles
 from vltrain.files import write_atomic
 from vltrain.progress import progress, quiet_library_bars
 
@@ -312,21 +318,96 @@ def load_splits(cfg: DatasetConfig, errors: list[RecordError] | None = None,
 # ---- lazy encoding --------------------------------------------------------------------------------------------
 
 
-class EncodedDataset(Dataset):
-    """Encodes record i on access (in DataLoader workers), so images are decoded only when needed."""
+_ALLOCATOR_TUNED: dict[int, bool] = {}
 
-    def __init__(self, records: list[Record], encoder: Encoder):
+
+def keep_freed_memory() -> bool:
+    """Let this process's C allocator (glibc) keep large freed blocks for reuse: tiles and batches (tens of MB)
+    are then carved from memory already mapped instead of mmap'ed, page-faulted and unmapped for every sample,
+    which made normalising tiles cost 3x the whole encoding (kernel time). Once per process (DataLoader workers
+    call it on their first sample); False where there is no glibc `mallopt`."""
+    pid = os.getpid()
+    if pid not in _ALLOCATOR_TUNED:
+        try:
+            mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        except (OSError, AttributeError):
+            _ALLOCATOR_TUNED[pid] = False
+        else:
+            m_trim_threshold, m_mmap_threshold = -1, -3
+            _ALLOCATOR_TUNED[pid] = bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold,
+                                                                                                1 << 30))
+    return _ALLOCATOR_TUNED[pid]
+
+
+class EncodedDataset(Dataset):
+    """Encodes record i on access (in DataLoader workers), so images are decoded only when needed. Tiles come out
+    as uint8 pixels (4x fewer bytes between processes); the collator normalises them. `lengths`: tokens per record,
+    from the data check (for length grouping and packing)."""
+
+    def __init__(self, records: list[Record], encoder: Encoder, lengths: list[int] | None = None):
         self.records = records
         self.encoder = encoder
+        self.lengths = lengths
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> Sample:
-        return self.encoder(self.records[index])
+        keep_freed_memory()
+        return self.encoder(self.records[index], normalise=False)
+
+
+# ---- packing --------------------------------------------------------------------------------------------------
+
+
+def pack_groups(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Indices of records grouped into packs of at most `max_length` tokens (best fit, longest first: a few
+    percent of padding at most on realistic mixes). No record is split; each pack lists its records in dataset
+    order; packs come in the order of their first record. Deterministic."""
+    import bisect
+
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    packs: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, pack number), sorted: the tightest pack that fits is found by
+    for i in order:                   # bisection
+        n = lengths[i]
+        if n > max_length:
+            raise ValueError(f"a record of {n} tokens does not fit data.max_length={max_length}")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            space, p = free.pop(k)
+            packs[p].append(i)
+            if space - n > 0:
+                bisect.insort(free, (space - n, p))
+        else:
+            packs.append([i])
+            if max_length - n > 0:
+                bisect.insort(free, (max_length - n, len(packs) - 1))
+    groups = [sorted(p) for p in packs]
+    return sorted(groups, key=lambda g: g[0])
+
+
+class PackedDataset(Dataset):
+    """Packs of samples (`pack_groups`): item i is the list of samples of pack i, in order; `Collator(packing=True)`
+    puts them in one row. `lengths` are the packs' token counts (for length grouping)."""
+
+    def __init__(self, dataset: Dataset, lengths: list[int], max_length: int):
+        self.dataset = dataset
+        self.groups = pack_groups(lengths, max_length)
+        self.lengths = [sum(lengths[i] for i in g) for g in self.groups]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> list[Sample]:
+        return [self.dataset[i] for i in self.groups[index]]
 
 
 # ---- encoding up front with HF datasets -----------------------------------------------------------------------
+
+
+DEFAULT_ENCODE_CACHE = Path(os.environ.get("VLTRAIN_ENCODE_CACHE", "~/.cache/vltrain/encoded"))
+"""Where `data.encode_cache: null` keeps encoded records (the environment variable moves it, e.g. for tests)."""
 
 
 def try_encode(encoder: Encoder, record: Record, normalise: bool = True) -> tuple[Sample | None, RecordError | None]:
@@ -441,10 +522,13 @@ _ENCODING_CODE = (*sorted(Path(__file__).parent.glob("*.py")), Path(__file__).pa
 
 
 def fingerprint(records: list[Record], encoder: Encoder) -> str:
-    """Hash of everything an encoded sample depends on: the records (their text, media references and where they
-    come from), their media files (path, size and mtime; a URL by its address, as it is fetched only once), the
-    encoder's settings and tokenizer, the encoding code and the versions of the libraries it calls."""
-    h = hashlib.sha256()
+    """Hash (HF `datasets`' `Hasher`) of everything an encoded sample depends on: the records (their text, media
+    references and where they come from), their media files (path, size and mtime; a URL by its address, as it is
+    fetched only once), the encoder's settings and tokenizer, the encoding code and the versions of the libraries
+    it calls."""
+    from datasets.fingerprint import Hasher
+
+    h = Hasher()
     for record in records:
         fields = dataclasses.asdict(record)
         media = [_file_stamp(p) for p in [*record.images, *record.videos]]
@@ -455,14 +539,19 @@ def fingerprint(records: list[Record], encoder: Encoder) -> str:
     for source in _ENCODING_CODE:
         h.update(source.read_bytes())
     h.update(_library_versions().encode())
-    return h.hexdigest()[:32]
+    return h.hexdigest()
 
 
 def encode_with_datasets(records: list[Record], encoder: Encoder, cache_dir: Path | None = None,
                          num_proc: int = 1):
     """Encode every record (in `num_proc` processes) into an Arrow file read back as an HF `datasets.Dataset`,
     one row per record in order (`encode_row`). Cached under `cache_dir` (default: the HF datasets cache) by
-    `fingerprint`: a second call with the same records and settings only opens the file.
+    `fingerprint`: a second call with the same records and settings only opens the file. Entries are never
+    deleted by vltrain (delete the folder to reclaim the space).
+
+    Written by DataLoader worker processes (`parallel_map`) feeding one `ArrowWriter`, not with datasets'
+    `Dataset.from_generator` / `Dataset.map(num_proc=...)`: with 2 processes those took 1.4-1.9x the CPU and wall
+    time on the same records, and were no faster in one (`scripts/bench/data.py`, BENCHMARKS.md).
 
     Safe when several processes (ranks, nodes on a shared folder) encode the same records at once: each writes a
     folder of its own and renames it into place when complete; the first rename wins, the others are discarded.
@@ -470,7 +559,7 @@ def encode_with_datasets(records: list[Record], encoder: Encoder, cache_dir: Pat
     import datasets
     from datasets.arrow_writer import ArrowWriter
 
-    root = Path(cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "vltrain-encoded").expanduser()
+    root = Path(cache_dir or DEFAULT_ENCODE_CACHE).expanduser()
     final = root / fingerprint(records, encoder)
     if not (final / "complete.json").is_file():
         tmp = root / f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}"
@@ -479,7 +568,8 @@ def encode_with_datasets(records: list[Record], encoder: Encoder, cache_dir: Pat
         # Small write batches: a row can hold tens of MB of tiles.
         writer = ArrowWriter(features=_features(), path=str(tmp / "encoded.arrow"), writer_batch_size=8)
         try:
-            for row in parallel_map(functools.partial(encode_row, encoder), records, num_proc):
+            rows = parallel_map(functools.partial(encode_row, encoder), records, num_proc)
+            for row in progress(rows, len(records), desc="encoding records", unit="records"):
                 writer.write(row)
             writer.finalize()
         except BaseException:  # interrupted or failed: leave no partial copy (it can be GBs) behind
@@ -497,25 +587,51 @@ def encode_with_datasets(records: list[Record], encoder: Encoder, cache_dir: Pat
     return datasets.Dataset.from_file(str(final / "encoded.arrow"))
 
 
-def row_to_sample(row: dict[str, Any]) -> Sample:
+def row_to_sample(row: dict[str, Any], normalise: bool = True) -> Sample:
+    """A row of the encoded cache as a Sample; `normalise=False` keeps the tiles as their uint8 pixels."""
+    pixels = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(row["pixel_shape"]) if row["pixel_shape"] else None
+    if pixels is not None:
+        pixels = normalise_tiles(pixels) if normalise else torch.from_numpy(pixels.copy())  # copy: writable
     return Sample(
         input_ids=torch.from_numpy(np.asarray(row["input_ids"], dtype=np.int64)),  # 50x faster than torch.tensor
         labels=torch.from_numpy(np.asarray(row["labels"], dtype=np.int64)),
-        pixel_values=normalise(np.frombuffer(row["pixels"], dtype=np.uint8).reshape(row["pixel_shape"]))
-        if row["pixel_shape"] else None,
+        pixel_values=pixels,
         tiles_per_image=list(row["tiles_per_image"]),
     )
 
 
 class PreEncodedDataset(Dataset):
-    """Samples read back from `encode_with_datasets`' cache; `rows` selects (and orders) the rows served."""
+    """Samples read back from `encode_with_datasets`' cache, tiles as uint8 (the collator normalises them); `rows`
+    selects (and orders) the rows served. `lengths`: tokens per served row."""
 
-    def __init__(self, encoded, rows: list[int] | None = None):
+    def __init__(self, encoded, rows: list[int] | None = None, lengths: list[int] | None = None):
         self.encoded = encoded
         self.rows = list(range(len(encoded))) if rows is None else rows
+        self.lengths = lengths
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> Sample:
-        return row_to_sample(self.encoded[self.rows[index]])
+        keep_freed_memory()
+        return row_to_sample(self.encoded[self.rows[index]], normalise=False)
+
+
+# ---- threads --------------------------------------------------------------------------------------------------
+
+
+def share_cores(num_workers: int) -> int:
+    """Give torch's intra-op threads the cores this process's data workers leave free (at least one) and return
+    that number. Several ranks on one machine (`LOCAL_WORLD_SIZE`) split its cores first.
+
+    torch starts one intra-op thread per core; with data workers (and other ranks) beside them the cores are
+    oversubscribed, and OpenMP threads that wait for each other at every op then lose whole time slices to any
+    other busy process (8x slower steps of the demo beside one busy process on 2 cores,
+    `scripts/bench/contention.py`). An explicit `OMP_NUM_THREADS` is left alone."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    threads = max(1, cores // ranks - num_workers)
+    torch.set_num_threads(threads)
+    return threads

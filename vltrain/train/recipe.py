@@ -10,19 +10,20 @@ import time
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from transformers import TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from vltrain.config import RUN_CONFIG, ConfigError, TrainConfig, training_defaults
-from vltrain.data.check import DataError, check_splits, enforce, outcome_from_encoded_row
+from vltrain.data import dataset as dataset_module
+from vltrain.data.check import DataError, check_splits, enforce, iter_outcomes, outcome_from_encoded_row
 from vltrain.data.collator import Collator
 from vltrain.data.dataset import (
-    DEFAULT_CACHE,
     EncodedDataset,
+    PackedDataset,
     PreEncodedDataset,
     encode_with_datasets,
     load_splits,
+    share_cores,
 )
 from vltrain.data.encode import Encoder
 from vltrain.data.records import RecordError
@@ -77,6 +78,11 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
     tokenizer = load_tokenizer_for(cfg.model)
     encoder = make_encoder(cfg, tokenizer=tokenizer)
     train_dataset, eval_dataset, val_records = prepare_data_once(cfg, encoder, run_dir)
+    # Workers kept across epochs and evaluations (no restart at each epoch); torch's threads on the cores they
+    # leave free.
+    if "dataloader_persistent_workers" not in cfg.trainer and args.dataloader_num_workers > 0:
+        args.dataloader_persistent_workers = True
+    share_cores(args.dataloader_num_workers)
 
     # Full fine-tuning keeps fp32 master weights under mixed precision; LoRA trains fp32 adapters on a base
     # held in the compute dtype.
@@ -119,7 +125,8 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=Collator(tokenizer.pad_token_id),
+        data_collator=Collator(tokenizer.pad_token_id, packing=cfg.data.packing,
+                               normalise_tiles=not torch.cuda.is_available()),  # GPU: uint8 to the device
         processing_class=tokenizer,
         callbacks=[RunShape(world, cfg.global_batch_size), JsonlLogger(run_dir), LossPlot(run_dir),
                    CheckpointRunFiles(run_config), PreemptionCheckpoint()],
@@ -140,62 +147,70 @@ def prepare_data_once(cfg: TrainConfig, encoder: Encoder, run_dir: Path):
         if first:
             try:
                 result = prepare_data(cfg, encoder, run_dir)
-                verdict = ("ok", result[3])
+                verdict = ("ok", result[3])  # (bad row keys, tokens per record key)
             except ConfigError as e:  # DataError among them: every rank stops with the same message
                 verdict = ("error", e)
     verdict = parallel.broadcast_from_rank0(verdict, minutes)
     if verdict[0] == "error":
         raise verdict[1]
     if result is None:
-        result = prepare_data(cfg, encoder, run_dir, write_skipped=False, bad_keys=verdict[1])
+        result = prepare_data(cfg, encoder, run_dir, write_skipped=False, verdict=verdict[1])
     return result[:3]
 
 
 def prepare_data(cfg: TrainConfig, encoder: Encoder, run_dir: Path, write_skipped: bool = True,
-                 bad_keys: set | None = None):
-    """(train dataset, eval dataset or None, held-out records, keys of the bad rows): every record read and
-    encoded once, problems handled by `data.on_error` (raise: DataError listing all; skip: rows left out, listed
-    in skipped_rows.jsonl, written when `write_skipped`). `bad_keys` given: the check already ran elsewhere
-    (rank 0), its verdict is applied without encoding the records again.
+                 verdict: tuple[set, dict] | None = None):
+    """(train dataset, eval dataset or None, held-out records, verdict): every record read and encoded once,
+    problems handled by `data.on_error` (raise: DataError listing all; skip: rows left out, listed in
+    skipped_rows.jsonl, written when `write_skipped`). The verdict is (keys of the bad rows, tokens per record
+    key); given, the check already ran elsewhere (rank 0) and is applied without encoding the records again.
 
-    `data.encode=lazy` encodes again in the DataLoader workers; `datasets` keeps this first encoding (HF datasets,
-    cached in the run folder under a fingerprint) and serves samples from it.
+    `data.encode=datasets` keeps this first encoding (HF datasets, in `data.encode_cache` under a fingerprint, so
+    a rerun on the same data encodes nothing) and serves samples from it; `lazy` encodes again in the DataLoader
+    workers. The check's token counts give the datasets their `lengths` (length grouping, packing); with
+    `data.packing` the training split is served as packs (`PackedDataset`).
     """
     read_errors: list[RecordError] = []
-    lock_dir = DEFAULT_CACHE.expanduser()
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock_dir / ".download.lock")):  # processes on one machine never fetch a hub dataset twice
-        train_records, val_records = load_splits(cfg.dataset, errors=read_errors)
+    train_records, val_records = load_splits(cfg.dataset, errors=read_errors)  # hub datasets behind a file lock
     splits = {"train": train_records, "val": val_records}
     start = time.perf_counter()
+    unique = list({id(r): r for rs in splits.values() for r in rs}.values())
     if cfg.data.encode == "datasets":  # on the ranks after the first, this opens the cache rank 0 wrote
-        unique = list({id(r): r for rs in splits.values() for r in rs}.values())
-        encoded = encode_with_datasets(unique, encoder, run_dir / "encoded", cfg.data.num_proc)
+        cache = Path(cfg.data.encode_cache or dataset_module.DEFAULT_ENCODE_CACHE).expanduser()
+        encoded = encode_with_datasets(unique, encoder, cache, cfg.data.num_proc)
         row_of = {id(r): i for i, r in enumerate(unique)}
-    if bad_keys is not None:
-        bad = bad_keys
+    if verdict is not None:
+        bad, tokens = verdict
     else:
         if cfg.data.encode == "datasets":
             sizes = encoded.select_columns(["input_ids", "labels", "tiles_per_image", "error"])  # not the pixels
             outcomes = {id(r): outcome_from_encoded_row(row) for r, row in zip(unique, sizes)}
-            report = check_splits(splits, encoder, read_errors=read_errors, outcomes=outcomes)
         else:
-            report = check_splits(splits, encoder, cfg.data.num_proc, read_errors)
+            outcomes = dict(zip([id(r) for r in unique], iter_outcomes(unique, encoder, cfg.data.num_proc)))
+        report = check_splits(splits, encoder, read_errors=read_errors, outcomes=outcomes)
         log.info("data check: %d records encoded in %.1fs (data.num_proc=%d)\n%s",
                  len(train_records) + len(val_records), time.perf_counter() - start, cfg.data.num_proc,
                  report.format(problems=False))
         bad = enforce(report, cfg.data.on_error, run_dir if write_skipped else None)
+        tokens = {r.key: outcomes[id(r)].tokens for r in unique}
     train_records = [r for r in train_records if r.key not in bad]
     val_records = [r for r in val_records if r.key not in bad]
     if not train_records:
         raise DataError("no training rows left after leaving out the bad ones")
-    if cfg.data.encode == "datasets":
-        def make(records):
-            return PreEncodedDataset(encoded, [row_of[id(r)] for r in records])
-    else:
-        def make(records):
-            return EncodedDataset(records, encoder)
-    return make(train_records), (make(val_records) if val_records else None), val_records, set(bad)
+
+    def make(records):
+        lengths = [tokens[r.key] for r in records]
+        if cfg.data.encode == "datasets":
+            return PreEncodedDataset(encoded, [row_of[id(r)] for r in records], lengths)
+        return EncodedDataset(records, encoder, lengths)
+
+    train_dataset = make(train_records)
+    if cfg.data.packing:
+        train_dataset = PackedDataset(train_dataset, train_dataset.lengths, cfg.data.max_length)
+        log.info("data.packing: %d training records in %d packs of up to %d tokens (%.1f%% of the tokens real)",
+                 len(train_records), len(train_dataset), cfg.data.max_length,
+                 100 * sum(train_dataset.lengths) / (len(train_dataset) * cfg.data.max_length))
+    return train_dataset, (make(val_records) if val_records else None), val_records, (set(bad), tokens)
 
 
 def build_training_arguments(cfg: TrainConfig, run_dir: Path, world_size: int,

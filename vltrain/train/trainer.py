@@ -10,6 +10,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from vltrain.data.encode import Encoder
 from vltrain.data.records import Record
+from vltrain.data.tiling import normalise_tensor
 from vltrain.infer.engine import answer_records, exact_match, reference_answers
 from vltrain.model.tuning import trainable_parts
 
@@ -23,6 +24,27 @@ class VLTrainer(Trainer):
         self.encoder = encoder
         self.answer_set = answer_set
         self.max_new_tokens = max_new_tokens
+
+    def _get_train_sampler(self, train_dataset=None):
+        """`trainer.train_sampling_strategy=group_by_length` groups by the token counts the data check measured
+        (the dataset's `lengths`), instead of the Trainer encoding every sample to learn its length."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = getattr(dataset, "lengths", None)
+        if self.args.train_sampling_strategy == "group_by_length" and lengths is not None:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=lengths)
+        return super()._get_train_sampler(train_dataset)
+
+    def _prepare_inputs(self, inputs):
+        """Batches whose tiles came as uint8 (the collator's `normalise_tiles=False`, on a GPU) are normalised
+        on the device, after the 4x smaller copy."""
+        inputs = super()._prepare_inputs(inputs)
+        pixels = inputs.get("pixel_values")
+        if pixels is not None and pixels.dtype == torch.uint8:
+            inputs["pixel_values"] = normalise_tensor(pixels)
+        return inputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The batch loss. A batch without images still runs the vision tower and projector, on one all-zero tile,
