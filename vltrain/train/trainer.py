@@ -141,6 +141,21 @@ class VLTrainer(Trainer):
             rotate(run_dir, self.args.save_total_limit, keep=self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Full weights through `from_pretrained`: InternVL saves its keys in the published layout
+        (`language_model.model.*`), which the Trainer's plain `load_state_dict(strict=False)` silently misses."""
+        from peft import PeftModel
+
+        model = model if model is not None else self.model
+        unwrapped = self.accelerator.unwrap_model(model)
+        folder = Path(resume_from_checkpoint)
+        full = any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
+        if isinstance(unwrapped, PeftModel) or not full or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = type(unwrapped).from_pretrained(folder, config=unwrapped.config,
+                                                dtype=next(unwrapped.parameters()).dtype)
+        unwrapped.load_state_dict(saved.state_dict(), strict=True)
+
     def _load_optimizer_and_scheduler(self, checkpoint):
         if not self.resume_only_model:
             super()._load_optimizer_and_scheduler(checkpoint)
