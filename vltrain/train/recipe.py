@@ -49,7 +49,7 @@ from vltrain.train.checkpoint import (
     resumed_config,
 )
 from vltrain.train.order import IndexedCollator, SeededSamples
-from vltrain.train.run import RunFolder, run_config_yaml
+from vltrain.train.run import RunFolder, process_index, run_config_yaml
 from vltrain.train.trainer import VLTrainer
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
     # adapter_config.json names the base that plain peft loads: the hub id or folder as given, the random base
     base_name = cfg.model.path if not Path(cfg.model.path).exists() else str(Path(cfg.model.path).resolve())
     model.config._name_or_path = model.name_or_path = base_name
+    set_seed(args.seed)  # LoRA's initial weights: the same whether the base was built here or read back (resume)
     model = apply_sft(model, cfg.sft_type)
     log.info("%s", trainable_summary(model))
 
@@ -162,7 +163,7 @@ def start_run(cfg: TrainConfig) -> tuple[TrainConfig, ResumePoint | None]:
         point = find_resume_point(cfg.resume, cfg.run_dir)
         cfg = resumed_config(cfg, point)
         log.info("resuming %s from %s", point.run_dir, point.checkpoint or "step 0 (no complete checkpoint yet)")
-    elif holds_run(Path(cfg.run_dir)):
+    elif process_index() == 0 and holds_run(Path(cfg.run_dir)):  # other ranks may already see rank 0's files
         raise ConfigError(f"run folder {Path(cfg.run_dir).resolve()} already holds a run; continue it with "
                           "resume=auto (same hydra.run.dir) or resume=<that folder>, or choose another folder")
     check_max_length(cfg)
