@@ -1,6 +1,6 @@
 """Kill and resume: `python -m vltrain` killed with SIGKILL at a seeded moment (in a step, inside a save, before
 and after a checkpoint is published, or after a random delay), resumed with `resume=auto` in the same folder,
-ends with weights bitwise identical to an uninterrupted run. Two seeds run by default; `-m soak` runs ten more."""
+ends with weights bitwise identical to an uninterrupted run. Two runs by default; `-m soak` runs 20 more."""
 
 from __future__ import annotations
 
@@ -171,13 +171,15 @@ def check_killed_and_resumed(tmp_path, tmp_path_factory, demo, sft: str, seed: i
     assert [p.name for p in run_dir.glob("checkpoint-*")] == [f"checkpoint-{MAX_STEPS}"]  # save_total_limit=1
 
 
-@pytest.mark.parametrize("sft,seed", [("lora", 0), ("full", 5)])
+# seed 7: killed while writing checkpoint-4's optimizer state, then inside step 5 (LoRA, one DataLoader worker);
+# seed 25: killed inside step 2 (no checkpoint yet), then with checkpoint-6 complete but not yet published (full)
+@pytest.mark.parametrize("sft,seed", [("lora", 7), ("full", 25)])
 def test_killed_run_resumes_bitwise(tmp_path, tmp_path_factory, demo, sft, seed):
     check_killed_and_resumed(tmp_path, tmp_path_factory, demo, sft, seed)
 
 
 @pytest.mark.soak
-@pytest.mark.parametrize("seed", range(100, 110))
+@pytest.mark.parametrize("seed", [0, 5, 9, 24, 36, 48, 100, 101, 105, 109])
 @pytest.mark.parametrize("sft", ["lora", "full"])
 def test_killed_run_resumes_bitwise_soak(tmp_path, tmp_path_factory, demo, sft, seed):
     check_killed_and_resumed(tmp_path, tmp_path_factory, demo, sft, seed)
