@@ -84,7 +84,7 @@ def overrides(demo, sft: str) -> list[str]:
         "global_batch_size=4", "trainer.per_device_train_batch_size=2", f"trainer.max_steps={MAX_STEPS}",
         f"trainer.save_steps={SAVE_STEPS}", "trainer.save_total_limit=1", "trainer.logging_steps=1",
         "trainer.eval_strategy=no", "trainer.learning_rate=3e-3", "trainer.activation_checkpointing=false",
-        "trainer.dataloader_num_workers=1", "trainer.seed=3",
+        f"trainer.dataloader_num_workers={1 if sft == 'lora' else 0}", "trainer.seed=3",  # both feeding paths
     ]
 
 

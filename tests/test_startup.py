@@ -93,7 +93,9 @@ def test_command_line_error_is_one_line_and_leaves_no_folder(tmp_path, override,
 
 
 @pytest.mark.slow
-def test_resume_refuses_changed_data_unless_forced(tmp_path, caplog):
+def test_resume_reads_safely_and_refuses_changed_data_unless_forced(tmp_path, caplog, monkeypatch):
+    import torch
+
     from vltrain.data.demo import write_demo_dataset
     from vltrain.train.recipe import build_trainer
 
@@ -103,16 +105,30 @@ def test_resume_refuses_changed_data_unless_forced(tmp_path, caplog):
             "trainer.eval_strategy=no", "trainer.dataloader_num_workers=0", "trainer.activation_checkpointing=false"]
     run = str(tmp_path / "run")
     build_trainer(compose_config(args, run_dir=run)).train()
-    resumed = build_trainer(compose_config([*args, "trainer.max_steps=4", "resume=auto"], run_dir=run))
+
+    # an exact resume reads the pickled optimizer, scheduler and RNG states with weights_only=True only
+    resumed = build_trainer(compose_config([*args, "trainer.max_steps=3", "resume=auto"], run_dir=run))
     assert resumed.resume_checkpoint == str(Path(run) / "checkpoint-2")
+    real_load, loads = torch.load, []
+
+    def spy(f, *a, **kw):
+        loads.append((Path(str(f)).name, kw.get("weights_only")))
+        return real_load(f, *a, **kw)
+
+    monkeypatch.setattr(torch, "load", spy)
+    assert resumed.train(resume_from_checkpoint=resumed.resume_checkpoint).global_step == 3
+    monkeypatch.undo()
+    assert {name for name, _ in loads} >= {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
+    assert all(safe is True for _, safe in loads), loads
+
     lines = demo.train.read_text().splitlines(keepends=True)
     demo.train.write_text("".join(lines[:-1]))  # one row fewer
-    with pytest.raises(ConfigError, match=r"the data changed since checkpoint-2: .*train.jsonl changed"):
-        build_trainer(compose_config([*args, "resume=auto"], run_dir=run))
-    forced = build_trainer(compose_config([*args, "trainer.max_steps=4", "resume=auto", "resume_force=true",
+    with pytest.raises(ConfigError, match=r"the data changed since checkpoint-3: .*train.jsonl changed"):
+        build_trainer(compose_config([*args, "trainer.max_steps=5", "resume=auto"], run_dir=run))
+    forced = build_trainer(compose_config([*args, "trainer.max_steps=5", "resume=auto", "resume_force=true",
                                            "resume_only_model=true"], run_dir=run))
     assert "resuming although the data changed" in caplog.text
     result = forced.train(resume_from_checkpoint=forced.resume_checkpoint)
-    assert result.global_step == 4
-    # resume_only_model: the step count went on from 2, the optimizer started afresh (2 Adam steps, not 4)
+    assert result.global_step == 5
+    # resume_only_model: the step count went on from 3, the optimizer started afresh (2 Adam steps, not 5)
     assert {float(s["step"]) for s in forced.optimizer.state.values()} == {2.0}
