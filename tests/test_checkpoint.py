@@ -69,8 +69,11 @@ def test_rotation_keeps_the_newest_complete_checkpoint(tmp_path):
     rotate(tmp_path, 1)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
     make_checkpoint(tmp_path, 10)
-    rotate(tmp_path, 2, keep=tmp_path / "checkpoint-6")  # the best checkpoint is kept too
+    rotate(tmp_path, 2, keep=[tmp_path / "checkpoint-6"])  # the best checkpoint is kept too
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-6", "checkpoint-10"]
+    make_checkpoint(tmp_path, 4)  # written by a run resumed from an older checkpoint: kept with the newest
+    rotate(tmp_path, 1, keep=[tmp_path / "checkpoint-4"])
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-10"]
     rotate(tmp_path, None)
     assert len(complete_checkpoints(tmp_path)) == 2
 

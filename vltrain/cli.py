@@ -107,7 +107,8 @@ def resume_config(cfg: DictConfig, overrides: Iterable[str]) -> TrainConfig:
     saved = find_resume_point(composed["resume"], composed["run_dir"]).saved
     if saved is None:
         return validate(composed)
-    merged = {**saved, "run_dir": composed["run_dir"]}
+    # what an earlier resume saved does not carry over to this one
+    merged = {**saved, "run_dir": composed["run_dir"], "resume_only_model": False, "resume_force": False}
     for arg in overrides:
         key = arg.split("=", 1)[0].lstrip("+~")
         if "=" not in arg or key.startswith("hydra") or key == "recipe":

@@ -124,7 +124,7 @@ def publish(staged: Path, run_dir: Path, files: dict[str, str], step: int, world
         record = {"step": step, "world_size": world_size, "parallel": parallel, "files": sizes}
         write_atomic(staged / COMPLETE_FILE, json.dumps(record, indent=1))
         _fsync_tree(staged)
-        if target.exists():  # an incomplete folder of this step, left by another tool: set it aside first
+        if target.exists():  # this step's folder of the trajectory a resume from an earlier checkpoint replaces
             _discard(target)
         os.replace(staged, target)
         _fsync_dir(Path(run_dir))
@@ -147,15 +147,16 @@ def checkpoint_error(e: BaseException, target: Path) -> CheckpointError:
     return CheckpointError(f"could not save {target}: {what}; the partial checkpoint was removed and {kept}")
 
 
-def rotate(run_dir: Path, limit: int | None, keep: Path | None = None) -> None:
+def rotate(run_dir: Path, limit: int | None, keep: list[str | Path | None] = ()) -> None:
     """Delete the oldest complete checkpoints beyond `limit` (None or < 1: keep all); never the newest one, nor
-    `keep` (the best model). A deleted checkpoint is first renamed away, so a kill midway leaves no half of one."""
+    those in `keep` (the best model, the one just written: a run resumed from an older checkpoint may still have
+    higher-numbered ones of the run it replaces). A deleted checkpoint is first renamed away, so a kill midway
+    leaves no half of one."""
     if not limit or limit < 1:
         return
     found = complete_checkpoints(run_dir)
     protected = {found[-1].resolve()} if found else set()
-    if keep is not None:
-        protected.add(Path(keep).resolve())
+    protected |= {Path(k).resolve() for k in keep if k}
     excess = len(found) - max(limit, len(protected & {p.resolve() for p in found}))
     for ckpt in [p for p in found if p.resolve() not in protected][:max(0, excess)]:
         _discard(ckpt)

@@ -136,9 +136,9 @@ class VLTrainer(Trainer):
             if best and Path(best).parent == staged.parent:
                 self.state.best_model_checkpoint = str(run_dir / Path(best).name)
                 self.state.save_to_json(str(staged / "trainer_state.json"))
-            publish(staged, run_dir, self.checkpoint_files, self.state.global_step, self.args.world_size,
-                    self.parallel)
-            rotate(run_dir, self.args.save_total_limit, keep=self.state.best_model_checkpoint)
+            target = publish(staged, run_dir, self.checkpoint_files, self.state.global_step, self.args.world_size,
+                             self.parallel)
+            rotate(run_dir, self.args.save_total_limit, keep=[self.state.best_model_checkpoint, target])
         self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
