@@ -75,7 +75,8 @@ entry()
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return write_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=24, n_val=0)
+    # 16 rows, 4 per step: checkpoint-4 ends epoch 0, checkpoint-6 is in the middle of epoch 1
+    return write_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=16, n_val=0)
 
 
 def overrides(demo, sft: str) -> list[str]:

@@ -132,3 +132,30 @@ def test_resume_reads_safely_and_refuses_changed_data_unless_forced(tmp_path, ca
     assert result.global_step == 5
     # resume_only_model: the step count went on from 3, the optimizer started afresh (2 Adam steps, not 5)
     assert {float(s["step"]) for s in forced.optimizer.state.values()} == {2.0}
+
+
+@pytest.mark.slow
+def test_resume_a_run_folder_from_the_command_line(tmp_path):
+    """`python -m vltrain resume=<run folder>`: the saved config wins (no model or data overrides needed), a
+    harmless override applies, one that changes what is trained is one line, and the run continues in its folder."""
+    from vltrain.data.demo import write_demo_dataset
+    from vltrain.train.recipe import build_trainer
+
+    demo = write_demo_dataset(tmp_path / "demo", n_train=8, n_val=0)
+    run = tmp_path / "run"
+    build_trainer(compose_config([
+        "sft_type=full", "dataset=custom", f"dataset.train=[{demo.train}]", "dataset.val_ratio=0",
+        "global_batch_size=2", "trainer.per_device_train_batch_size=2", "trainer.max_steps=2", "trainer.save_steps=2",
+        "trainer.eval_strategy=no", "trainer.dataloader_num_workers=0", "trainer.activation_checkpointing=false",
+    ], run_dir=str(run))).train()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    refused = subprocess.run([sys.executable, "-m", "vltrain", f"resume={run}", "sft_type=lora"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300, env=env)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode != 0 and len(lines) == 1 and "sft_type.name ('full' -> 'lora')" in lines[0], lines
+    out = subprocess.run([sys.executable, "-m", "vltrain", f"resume={run / 'checkpoint-2'}", "trainer.max_steps=3"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (run / "checkpoint-3" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (run / ".hydra").iterdir() if p.name.startswith("resume-"))  # Hydra's, apart
+    assert not (tmp_path / "outputs").exists()  # nothing went to a new run folder
