@@ -47,6 +47,7 @@ from vltrain.train.checkpoint import (
     manifest_changes,
     read_manifest,
     resumed_config,
+    rotate,
 )
 from vltrain.train.order import IndexedCollator, SeededSamples
 from vltrain.train.run import RunFolder, process_index, run_config_yaml
@@ -157,7 +158,7 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
 def start_run(cfg: TrainConfig) -> tuple[TrainConfig, ResumePoint | None]:
     """(the config to train, where to resume or None). Checks what needs no data or weights: a new run never
     writes into a folder holding another run; `data.max_length` fits the model's positions; a resumed run keeps
-    its saved config. Clears what a killed run left half-written."""
+    its saved config. Clears what a killed run left half-written, and finishes its rotation."""
     point = None
     if cfg.resume:
         point = find_resume_point(cfg.resume, cfg.run_dir)
@@ -171,6 +172,8 @@ def start_run(cfg: TrainConfig) -> tuple[TrainConfig, ResumePoint | None]:
     run.create()
     if run.is_main:
         clean_leftovers(run.path)
+        # a kill between publishing a checkpoint and rotating left one too many
+        rotate(run.path, cfg.trainer.get("save_total_limit"), keep=[point.checkpoint if point else None])
     return cfg, point
 
 
