@@ -58,6 +58,7 @@ def test_publish_makes_a_complete_checkpoint_and_only_complete_ones_count(tmp_pa
     assert newest_checkpoint(tmp_path) == truncated
     (truncated / "model.safetensors").write_bytes(b"w")
     assert complete_checkpoints(tmp_path) == [first]
+    assert find_resume_point(str(tmp_path), "unused").checkpoint == first  # a run folder: its newest complete one
     with pytest.raises(ConfigError, match="incomplete checkpoint"):
         find_resume_point(str(truncated), str(tmp_path))
 

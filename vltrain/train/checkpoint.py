@@ -262,6 +262,7 @@ def find_resume_point(resume: str, run_dir: str) -> ResumePoint:
         path = Path(resume).expanduser().resolve()
         if not path.exists():
             raise ConfigError(f"resume={resume}: no such run folder or checkpoint")
+        ckpt = None
         if checkpoint_step(path) is not None:
             if not is_complete(path):
                 raise ConfigError(f"resume={resume}: an incomplete checkpoint (no {COMPLETE_FILE} or a file of "
