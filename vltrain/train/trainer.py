@@ -59,6 +59,10 @@ class VLTrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
     def _run_epoch(self, *args, epoch, **kwargs):
+        if self.state.global_step >= self.state.max_steps > 0:
+            # resumed from the last checkpoint mid-epoch: the Trainer would run one step before it checks
+            self.control.should_training_stop = True
+            return None
         # accelerate forwards set_epoch to a sampler two wrappers deep, not three (DDP shard + resume skip)
         if isinstance(self._train_sampler(), EpochSampler):
             self._train_sampler().set_epoch(epoch)
