@@ -1,7 +1,6 @@
 """Templates: golden encodings of the official InternVL training code, plus rules checked on a byte tokenizer."""
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -136,14 +135,15 @@ def test_expanding_context_equals_rendering_expanded_text(folder, template, extr
 
 
 @pytest.mark.parametrize("folder,template,extra", COMBOS)
-def test_render_is_fast(folder, template, extra, real_tokenizer):
+def test_render_is_repeatable(folder, template, extra, real_tokenizer):
+    """Rendering keeps no state between records (its speed is measured by scripts/bench/data.py, not here)."""
     tokenizer = real_tokenizer(folder, template, extra)
     tmpl = get_template(template)
     turns = [(f"{IMG}\nWhat is in the image?", "A cat sitting on a sofa.")]
-    start = time.perf_counter()
-    for _ in range(200):
-        render(tmpl, tokenizer, turns, tmpl.default_system)
-    assert time.perf_counter() - start < 1.0  # thousands of short records per second; this only catches blow-ups
+    first = render(tmpl, tokenizer, turns, tmpl.default_system)
+    for _ in range(20):
+        again = render(tmpl, tokenizer, turns, tmpl.default_system)
+        assert (again.text, again.input_ids, again.labels) == (first.text, first.input_ids, first.labels)
 
 
 # ---------------------------------------------------------------- rules, on a byte tokenizer (no files needed)

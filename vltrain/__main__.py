@@ -20,9 +20,17 @@ import os
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from vltrain.cli import add_or_override, check_overrides, to_train_config
+from vltrain.cli import (
+    add_or_override,
+    check_overrides,
+    discard_unused_run_dir,
+    resume_config,
+    settle_run_dir,
+    to_train_config,
+)
 from vltrain.config import ConfigError
 
 log = logging.getLogger("vltrain")
@@ -30,15 +38,17 @@ log = logging.getLogger("vltrain")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> dict | None:
+    run_dir = cfg.run_dir
     try:
         train_cfg, _ = to_train_config(cfg)
+        if train_cfg.resume:  # the saved config, with the keys given on the command line
+            train_cfg = resume_config(cfg, HydraConfig.get().overrides.task)
     except ConfigError as e:  # raised inside Hydra's job: exit here, or Hydra wraps it in a traceback
+        discard_unused_run_dir(run_dir)
         sys.exit(f"vltrain: config error: {e}")
     from vltrain.sweep import FINAL_METRICS, slurm_torchrun_command, write_final_metrics
 
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "LOCAL_RANK" not in os.environ:
-        from hydra.core.hydra_config import HydraConfig
-
         # A SLURM job (one task per node): training runs in the processes torchrun starts on every node.
         cmd = slurm_torchrun_command([*HydraConfig.get().overrides.task, f"hydra.run.dir={train_cfg.run_dir}"])
         if cmd is not None:
@@ -51,14 +61,20 @@ def main(cfg: DictConfig) -> dict | None:
             from pathlib import Path
 
             return json.loads((Path(train_cfg.run_dir) / FINAL_METRICS).read_text(encoding="utf-8"))
+    from vltrain.train.checkpoint import CheckpointError
     from vltrain.train.recipe import train  # heavy imports only once the config is known to be valid
+    from vltrain.train.trainer import NumericalFault
 
     if int(os.environ.get("RANK", "0")) == 0:
         print(OmegaConf.to_yaml(cfg, resolve=True))
     try:
         metrics = train(train_cfg)
-    except ConfigError as e:  # e.g. bad rows with data.on_error=raise: the list of problems, not a traceback
+    except (ConfigError, CheckpointError, NumericalFault) as e:  # bad rows, a full disk, a NaN: one message
+        discard_unused_run_dir(run_dir)
         sys.exit(f"vltrain: {e}")
+    except BaseException:
+        discard_unused_run_dir(run_dir)
+        raise
     log.info("final metrics: %s", metrics)
     if int(os.environ.get("RANK", "0")) == 0:
         write_final_metrics(train_cfg.run_dir, metrics)
@@ -133,9 +149,10 @@ def entry() -> None:
             print("vltrain: " + " ".join(torchrun), flush=True)
             os.execv(torchrun[0], torchrun)
         check_overrides(sys.argv[1:])
+        argv = settle_run_dir(sys.argv[1:])
     except ConfigError as e:
         sys.exit(f"vltrain: config error: {e}")
-    argv = add_or_override(sys.argv[1:])
+    argv = add_or_override(argv)
     if "-m" in argv or "--multirun" in argv:
         argv.append("++hydra.callbacks.sweep_summary._target_=vltrain.sweep.SweepSummary")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1

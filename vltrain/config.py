@@ -254,6 +254,17 @@ class TrainConfig:
     """Sequences per optimiser step; gradient accumulation is derived from it unless set in `trainer`."""
     run_dir: str = "outputs/run"
     """The run folder (Hydra sets it to `outputs/<model>/<timestamp>`); checkpoints go inside it."""
+    resume: str | None = None
+    """`auto`: continue the newest complete checkpoint of the run folder (`hydra.run.dir`), or start there at step
+    0 when it has none; a path: continue that run folder (or that checkpoint) in its own folder. None: a new run."""
+    resume_only_model: bool = False
+    """With `resume`: load the weights only; the optimizer and the learning-rate schedule start afresh (the step
+    count and the data position continue)."""
+    resume_force: bool = False
+    """With `resume`: continue although the record files or the held-out split changed since the checkpoint."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN or inf loss or gradient: `stop` the run naming the step and the batch's records, or `skip` that
+    optimizer step (no update) and go on."""
 
     def __post_init__(self):
         unknown = set(self.trainer) - training_argument_names()
@@ -262,6 +273,12 @@ class TrainConfig:
             raise ConfigError(f"trainer.{key}: not a TrainingArguments field{suggest(key, training_argument_names())}")
         if "output_dir" in self.trainer:
             raise ConfigError("trainer.output_dir: set run_dir instead (Hydra's hydra.run.dir)")
+        if self.trainer.get("resume_from_checkpoint") is not None:
+            raise ConfigError("trainer.resume_from_checkpoint: use resume=auto (the newest checkpoint of this run "
+                              "folder) or resume=<run folder or checkpoint>")
+        check_trainer_values(self.trainer)
+        if (self.resume_only_model or self.resume_force) and not self.resume:
+            raise ConfigError("resume_only_model / resume_force apply with resume=auto or resume=<path>")
         if self.global_batch_size < 1:
             raise ConfigError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
         if self.model.load_in_8bit and self.sft_type.name != "lora":
@@ -278,6 +295,33 @@ class TrainConfig:
         if self.trainer.get("deepspeed"):
             raise ConfigError("trainer.deepspeed: choose parallel=zero2 / zero3 (and parallel.deepspeed=<file.json> "
                               "for your own config) instead")
+
+
+# key -> (lowest allowed, whether the lowest itself is allowed); null values are left to training_defaults.
+_TRAINER_BOUNDS = {
+    "learning_rate": (0, True), "weight_decay": (0, True), "warmup_steps": (0, True), "max_grad_norm": (0, True),
+    "num_train_epochs": (0, False), "per_device_train_batch_size": (1, True), "per_device_eval_batch_size": (1, True),
+    "gradient_accumulation_steps": (1, True), "logging_steps": (0, False), "eval_steps": (0, False),
+    "save_steps": (0, False), "save_total_limit": (1, True), "dataloader_num_workers": (0, True),
+    "adam_beta1": (0, True), "adam_beta2": (0, True), "adam_epsilon": (0, False),
+}
+
+
+def check_trainer_values(trainer: dict[str, Any]) -> None:
+    """Numbers in the `trainer` block that the optimizer or the Trainer would refuse later, deep in a traceback."""
+    for key, (low, inclusive) in _TRAINER_BOUNDS.items():
+        value = trainer.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"trainer.{key}: expected a number, got {value!r}")
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise ConfigError(f"trainer.{key} must be {'>=' if inclusive else '>'} {low}, got {value}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if trainer.get(key) is not None and trainer[key] >= 1:
+            raise ConfigError(f"trainer.{key} must be below 1, got {trainer[key]}")
+    if trainer.get("max_steps") == 0:
+        raise ConfigError("trainer.max_steps=0 trains nothing; -1 trains num_train_epochs epochs")
 
 
 def training_argument_names() -> set[str]:

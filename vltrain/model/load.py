@@ -455,10 +455,30 @@ def _check_vocab(model, tokenizer, path) -> None:
                           f"{IMAGE_CONTEXT_TOKEN} id {image_id}")
 
 
+BASE_RECORD = "base_model.json"
+"""In a checkpoint of a run on a random base: how to rebuild that base (architecture, seed) and its digest, so the
+checkpoint still loads when copied away from its run folder."""
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (names, dtypes, shapes, bytes): equal digests, equal weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def load_checkpoint(ckpt_dir: str | Path):
     """(model, tokenizer, TrainConfig) from a `checkpoint-<step>/` folder: LoRA adapters go onto their base model
-    (named in the checkpoint's vltrain.yaml), full checkpoints load directly."""
+    (named in the checkpoint's vltrain.yaml), full checkpoints load directly. A random base that is not where the
+    run saved it (the checkpoint was copied elsewhere) is rebuilt from its architecture and seed, and must match
+    the digest the checkpoint recorded."""
     import dataclasses
+    import json
 
     import yaml
     from peft import PeftModel
@@ -473,7 +493,19 @@ def load_checkpoint(ckpt_dir: str | Path):
     tokenizer = load_tokenizer(ckpt, template=cfg.model.template)
     dtype = resolve_dtype(cfg.model.dtype)
     if (ckpt / "adapter_config.json").is_file():
-        model = PeftModel.from_pretrained(load_model(cfg.model, tokenizer, dtype), ckpt)
+        base_record = ckpt / BASE_RECORD
+        if base_record.is_file() and not Path(cfg.model.path).is_dir():
+            record = json.loads(base_record.read_text(encoding="utf-8"))
+            random_cfg = dataclasses.replace(cfg.model, init="random", path=None, tokenizer=None)
+            base = build_random_model(random_cfg, tokenizer, record["seed"]).to(getattr(torch, record["dtype"]))
+            if weights_digest(base) != record["sha256"]:
+                raise ConfigError(f"{ckpt}: its base model {cfg.model.path} is gone and rebuilding it from "
+                                  f"{BASE_RECORD} gives other weights (another torch version?)")
+            base = base.to(dtype)
+            configure_generation(base, tokenizer, cfg.model.template)
+        else:
+            base = load_model(cfg.model, tokenizer, dtype)
+        model = PeftModel.from_pretrained(base, ckpt)
     else:
         # the full checkpoint is an HF-native folder; a drop path rate only matters while training
         model = _load_folder(ckpt, tokenizer, dtype, dataclasses.replace(cfg.model, load_in_8bit=False))

@@ -1,4 +1,5 @@
-"""Run-folder outputs written during training: logging.jsonl, the loss-curve PNG, per-checkpoint run files."""
+"""Run-folder outputs written during training: logging.jsonl and the loss-curve PNG (the run files of every
+checkpoint are written by `vltrain.train.checkpoint` when it publishes one)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,24 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from vltrain.config import RUN_CONFIG
+from vltrain.files import write_atomic
 
 
 class JsonlLogger(TrainerCallback):
-    """Appends every logged dict, with step, epoch and elapsed seconds, to `<run_dir>/logging.jsonl`."""
+    """Appends every logged dict, with step, epoch and elapsed seconds, to `<run_dir>/logging.jsonl`.
 
-    def __init__(self, run_dir: Path):
+    `resume_step` (a resumed run's main process): the rows the interrupted run logged after that step (and its
+    closing summary) are dropped first, so every step appears once; elapsed seconds continue."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
         self.path = Path(run_dir) / "logging.jsonl"
         self.start = time.monotonic()
+        if resume_step is not None and self.path.is_file():
+            rows = [_row(line) for line in self.path.read_text(encoding="utf-8").splitlines()]
+            rows = [r for r in rows if r is not None]  # a line cut short by the kill is dropped
+            kept = [r for r in rows if r.get("step", 0) <= resume_step and "train_runtime" not in r]
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            self.start -= max((r.get("elapsed_s", 0.0) for r in kept), default=0.0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -25,6 +35,14 @@ class JsonlLogger(TrainerCallback):
                "elapsed_s": round(time.monotonic() - self.start, 2)}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def _row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 class LossPlot(TrainerCallback):
@@ -40,18 +58,6 @@ class LossPlot(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             plot_history(state.log_history, self.path)
-
-
-class CheckpointRunFiles(TrainerCallback):
-    """Writes the resolved run config into every checkpoint, so inference and resume need nothing re-typed."""
-
-    def __init__(self, run_config_text: str):
-        self.text = run_config_text
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            (ckpt / RUN_CONFIG).write_text(self.text, encoding="utf-8")
 
 
 def plot_history(history: list[dict], path: Path) -> None:

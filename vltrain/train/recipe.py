@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import time
@@ -28,21 +29,45 @@ from vltrain.data.dataset import (
 from vltrain.data.encode import Encoder
 from vltrain.data.records import RecordError
 from vltrain.model.geometry import vision_geometry
-from vltrain.model.load import load_model, load_tokenizer_for, make_encoder, resolve_dtype, save_partitioned
+from vltrain.model.load import (
+    BASE_RECORD,
+    load_model,
+    load_tokenizer_for,
+    make_encoder,
+    resolve_dtype,
+    save_partitioned,
+    weights_digest,
+)
 from vltrain.model.tuning import apply_sft, trainable_summary
 from vltrain.train import parallel
-from vltrain.train.callbacks import CheckpointRunFiles, JsonlLogger, LossPlot
+from vltrain.train.callbacks import JsonlLogger, LossPlot
+from vltrain.train.checkpoint import (
+    MANIFEST_FILE,
+    ResumePoint,
+    check_world_size,
+    checkpoint_step,
+    clean_leftovers,
+    data_manifest,
+    find_resume_point,
+    holds_run,
+    manifest_changes,
+    read_manifest,
+    resumed_config,
+    rotate,
+)
+from vltrain.train.order import IndexedCollator, SeededSamples
 from vltrain.train.preempt import PreemptionCheckpoint, RunShape
-from vltrain.train.run import RunFolder, run_config_yaml
+from vltrain.train.run import RunFolder, process_index, run_config_yaml
 from vltrain.train.trainer import VLTrainer
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:
-    """Train as configured; returns the final metrics (train loss, and eval loss / exact match when held out)."""
+    """Train as configured (`cfg.resume`: continue a run); returns the final metrics (train loss, and eval loss /
+    exact match when held out)."""
     trainer = build_trainer(cfg)
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=trainer.resume_checkpoint)
     metrics = {"train_loss": result.training_loss, "global_step": result.global_step}
     preemption = next(c for c in trainer.callback_handler.callbacks if isinstance(c, PreemptionCheckpoint))
     if preemption.preempted:  # checkpoint saved; the requeued job resumes from it
@@ -63,14 +88,20 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
     """Everything a run needs, in order: arguments (DeepSpeed's config among them, so that ZeRO-3 partitions the
     model as it is created), tokenizer and encoder, records (every one encoded once and checked, on rank 0),
     model, trainable parts, trainer. Rank 0 writes the run folder's config, DeepSpeed config and the base model
-    (when randomly initialised). A bad record stops the run before any weights load (`data.on_error`)."""
+    (when randomly initialised). A bad record stops the run before any weights load (`data.on_error`); with
+    `cfg.resume` the run continues from its newest complete checkpoint (`start_run`)."""
     world = parallel.world_size()
     parallel.check_launch(cfg, world)
     parallel.init_process_group()
+    cfg, point = start_run(cfg)
     run = RunFolder.for_config(cfg)
-    run.create()
     run_dir = run.path
-    args = build_training_arguments(cfg, run_dir, world, write=run.is_main)
+    try:
+        args = build_training_arguments(cfg, run_dir, world, write=run.is_main)
+    except ValueError as e:  # TrainingArguments' own consistency checks
+        raise ConfigError(f"trainer: {str(e).strip().splitlines()[0]}") from None
+    if point:
+        check_world_size(point, world, zero=bool(args.deepspeed))
     if args.world_size != world:  # a multi-process launch silently training as independent processes
         raise ConfigError(f"{world} processes were started but the Trainer sees a world of {args.world_size} "
                           f"(parallel={cfg.parallel.name})")
@@ -78,6 +109,11 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
     tokenizer = load_tokenizer_for(cfg.model)
     encoder = make_encoder(cfg, tokenizer=tokenizer)
     train_dataset, eval_dataset, val_records = prepare_data_once(cfg, encoder, run_dir)
+    manifest = json.dumps(data_manifest([s.split("#")[0] for s in cfg.dataset.train + cfg.dataset.val],
+                                        [r.key for r in val_records]), indent=1)
+    if point and point.checkpoint:
+        check_data(point, json.loads(manifest), cfg.resume_force)
+        args.eval_on_start = False  # evaluated before; RNG and history continue from the checkpoint
     # Workers kept across epochs and evaluations (no restart at each epoch); torch's threads on the cores they
     # leave free.
     if "dataloader_persistent_workers" not in cfg.trainer and args.dataloader_num_workers > 0:
@@ -97,17 +133,29 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
     if (encoder.tile_size, encoder.image_tokens_per_tile) != vision_geometry(model):
         raise ConfigError(f"model '{cfg.model.name}': its config gives {vision_geometry(model)} (tile px, tokens "
                           f"per tile), model.arch says {(encoder.tile_size, encoder.image_tokens_per_tile)}")
+    checkpoint_files = {}  # besides the run config and the data manifest
     if cfg.model.init == "random":
-        # A random base is part of the run: save it so LoRA checkpoints reload onto the same weights.
+        # A random base is part of the run: save it so LoRA checkpoints reload onto the same weights, and (outside
+        # ZeRO-3, whose partitioned init draws other numbers) record how to rebuild it, so that a checkpoint
+        # copied elsewhere still loads.
         base = run.base_model
         if is_deepspeed_zero3_enabled():
             save_partitioned(model, base, is_main=run.is_main)
-        elif run.is_main:
-            model.save_pretrained(base)
+        else:
+            if run.is_main:
+                model.save_pretrained(base)
+            run.write_text(BASE_RECORD, json.dumps({"seed": args.seed, "dtype": str(model.dtype).split(".")[-1],
+                                                    "sha256": weights_digest(model)}))
         if run.is_main:
             tokenizer.save_pretrained(base)
         parallel.wait_for_all(cfg.parallel.wait_minutes)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="pretrained", path=str(base)))
+    if (run.path / BASE_RECORD).is_file():
+        checkpoint_files[BASE_RECORD] = (run.path / BASE_RECORD).read_text(encoding="utf-8")
+    # adapter_config.json names the base that plain peft loads: the hub id or folder as given, the random base
+    base_name = cfg.model.path if not Path(cfg.model.path).exists() else str(Path(cfg.model.path).resolve())
+    model.config._name_or_path = model.name_or_path = base_name
+    set_seed(args.seed)  # LoRA's initial weights: the same whether the base was built here or read back (resume)
     model = apply_sft(model, cfg.sft_type)
     if is_deepspeed_zero3_enabled():  # parameters are partitioned: count their full sizes
         sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
@@ -119,21 +167,88 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
     run_config = run_config_yaml(cfg)
     run.write_text(RUN_CONFIG, run_config)
     log.info("train rows %d, held-out rows %d, run folder %s", len(train_dataset), len(val_records), run_dir)
+    step = checkpoint_step(point.checkpoint) if point and point.checkpoint else 0 if point else None
 
-    return VLTrainer(
+    trainer = VLTrainer(
         model=model,
         args=args,
-        train_dataset=train_dataset,
+        train_dataset=SeededSamples(train_dataset, args.seed, train_dataset.where),
         eval_dataset=eval_dataset,
-        data_collator=Collator(tokenizer.pad_token_id, packing=cfg.data.packing,
-                               normalise_tiles=not torch.cuda.is_available()),  # GPU: uint8 to the device
+        data_collator=IndexedCollator(Collator(tokenizer.pad_token_id, packing=cfg.data.packing,
+                                               normalise_tiles=not torch.cuda.is_available())),  # GPU: uint8 there
         processing_class=tokenizer,
-        callbacks=[RunShape(world, cfg.global_batch_size), JsonlLogger(run_dir), LossPlot(run_dir),
-                   CheckpointRunFiles(run_config), PreemptionCheckpoint()],
+        callbacks=[RunShape(world, cfg.global_batch_size),
+                   JsonlLogger(run_dir, resume_step=step if run.is_main else None), LossPlot(run_dir),
+                   PreemptionCheckpoint()],
         encoder=encoder,
         answer_set=val_records[: cfg.eval.generate_samples],
         max_new_tokens=cfg.eval.max_new_tokens,
+        checkpoint_files={**checkpoint_files, RUN_CONFIG: run_config, MANIFEST_FILE: manifest},
+        resume_only_model=cfg.resume_only_model,
+        on_nonfinite=cfg.on_nonfinite,
+        parallel=cfg.parallel.name,
     )
+    trainer.resume_checkpoint = str(point.checkpoint) if point and point.checkpoint else None
+    return trainer
+
+
+def start_run(cfg: TrainConfig) -> tuple[TrainConfig, ResumePoint | None]:
+    """(the config to train, where to resume or None). Checks what needs no data or weights: a new run never
+    writes into a folder holding another run; `data.max_length` fits the model's positions; a resumed run keeps
+    its saved config. Clears what a killed run left half-written, and finishes its rotation."""
+    point = None
+    if cfg.resume:
+        point = find_resume_point(cfg.resume, cfg.run_dir)
+        cfg = resumed_config(cfg, point)
+        log.info("resuming %s from %s", point.run_dir, point.checkpoint or "step 0 (no complete checkpoint yet)")
+    elif process_index() == 0 and holds_run(Path(cfg.run_dir)):  # other ranks may already see rank 0's files
+        raise ConfigError(f"run folder {Path(cfg.run_dir).resolve()} already holds a run; continue it with "
+                          "resume=auto (same hydra.run.dir) or resume=<that folder>, or choose another folder")
+    check_max_length(cfg)
+    run = RunFolder.for_config(cfg)
+    run.create()
+    if run.is_main:
+        clean_leftovers(run.path)
+        # a kill between publishing a checkpoint and rotating left one too many
+        rotate(run.path, cfg.trainer.get("save_total_limit"), keep=[point.checkpoint if point else None])
+    return cfg, point
+
+
+def check_max_length(cfg: TrainConfig) -> None:
+    """`data.max_length` within the positions the LLM was built for (rope scaling included), from its config."""
+    if cfg.model.init == "random":
+        llm = cfg.model.arch.get("llm", {})
+    else:
+        from vltrain.model.hub import resolve_model_path
+
+        config_file = resolve_model_path(cfg.model.path, cfg.model.hub, cfg.model.hub_token,
+                                         files=["config.json"]) / "config.json"
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # the model loader says what is wrong with the folder
+        llm = config.get("text_config") or config.get("llm_config") or {}
+    limit = llm.get("max_position_embeddings")
+    if not isinstance(limit, int):
+        return
+    scaling = llm.get("rope_scaling") or {}
+    factor = scaling.get("factor", 1.0) if isinstance(scaling, dict) else 1.0
+    limit = int(limit * max(1.0, factor or 1.0))
+    if cfg.data.max_length > limit:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the {limit} positions of model "
+                          f"'{cfg.model.name}' (max_position_embeddings of its LLM)")
+
+
+def check_data(point: ResumePoint, manifest: dict, force: bool) -> None:
+    """A resumed run reads the record files and the held-out split its checkpoint recorded."""
+    saved = read_manifest(point.checkpoint)
+    changes = manifest_changes(saved, manifest) if saved else []
+    if not changes:
+        return
+    if not force:
+        raise ConfigError(f"resume: the data changed since {point.checkpoint.name}: {'; '.join(changes)}; "
+                          "resume_force=true continues anyway")
+    log.warning("resuming although the data changed since %s: %s", point.checkpoint.name, "; ".join(changes))
 
 
 def prepare_data_once(cfg: TrainConfig, encoder: Encoder, run_dir: Path):
@@ -205,11 +320,14 @@ def prepare_data(cfg: TrainConfig, encoder: Encoder, run_dir: Path, write_skippe
         return EncodedDataset(records, encoder, lengths)
 
     train_dataset = make(train_records)
+    where = [r.where() for r in train_records]  # `file:line` of each training row, for messages about a batch
     if cfg.data.packing:
         train_dataset = PackedDataset(train_dataset, train_dataset.lengths, cfg.data.max_length)
+        where = [", ".join(where[i] for i in group) for group in train_dataset.groups]
         log.info("data.packing: %d training records in %d packs of up to %d tokens (%.1f%% of the tokens real)",
                  len(train_records), len(train_dataset), cfg.data.max_length,
                  100 * sum(train_dataset.lengths) / (len(train_dataset) * cfg.data.max_length))
+    train_dataset.where = where
     return train_dataset, (make(val_records) if val_records else None), val_records, (set(bad), tokens)
 
 

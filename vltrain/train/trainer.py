@@ -1,8 +1,14 @@
-"""The HF Trainer, with the hooks InternVL training needs."""
+"""The HF Trainer, with the hooks InternVL training needs: the vision side on text-only batches, a data order that
+follows from (seed, epoch, step), checkpoints published only when complete (`vltrain.train.checkpoint`), and NaN or
+inf losses and gradients caught before they reach the weights."""
 
 from __future__ import annotations
 
+import logging
+import math
+import shutil
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 from transformers import Trainer
@@ -13,29 +19,160 @@ from vltrain.data.records import Record
 from vltrain.data.tiling import normalise_tensor
 from vltrain.infer.engine import answer_records, exact_match, reference_answers
 from vltrain.model.tuning import trainable_parts
+from vltrain.train.checkpoint import checkpoint_error, publish, rotate, staging_dir
+from vltrain.train.order import EpochSampler, SeededSamples
+
+log = logging.getLogger(__name__)
+
+
+class NumericalFault(RuntimeError):
+    """A NaN or inf loss or gradient with `on_nonfinite=stop`; nothing was applied to the weights or saved."""
 
 
 class VLTrainer(Trainer):
     """Trainer that drops collator-only keys before the forward pass, runs the vision side on a dummy tile for
-    text-only batches where other ranks need it to, and scores held-out answers."""
+    text-only batches where other ranks need it to, and scores held-out answers.
 
-    def __init__(self, *args, encoder: Encoder, answer_set: list[Record], max_new_tokens: int = 32, **kwargs):
+    `checkpoint_files` (name -> text) go into every checkpoint before it is published; `resume_only_model` loads
+    only the weights of the checkpoint `train` resumes; `on_nonfinite` is `stop` or `skip`."""
+
+    def __init__(self, *args, encoder: Encoder, answer_set: list[Record], max_new_tokens: int = 32,
+                 checkpoint_files: dict[str, str] | None = None, resume_only_model: bool = False,
+                 on_nonfinite: str = "stop", parallel: str = "single", **kwargs):
         super().__init__(*args, **kwargs)
         self.encoder = encoder
         self.answer_set = answer_set
         self.max_new_tokens = max_new_tokens
+        self.checkpoint_files = checkpoint_files or {}
+        self.resume_only_model = resume_only_model
+        self.on_nonfinite = on_nonfinite
+        self.parallel = parallel
+        self._staging: Path | None = None
+        self._step_records: list[int] = []  # train records of the micro-batches of the current optimizer step
+        self._bad_loss: list[str] = []
+
+    # ---- data order: (seed, epoch) -> permutation; the Trainer skips what a checkpoint consumed ----
 
     def _get_train_sampler(self, train_dataset=None):
-        """`trainer.train_sampling_strategy=group_by_length` groups by the token counts the data check measured
-        (the dataset's `lengths`), instead of the Trainer encoding every sample to learn its length."""
+        """The (seed, epoch) order; with `trainer.train_sampling_strategy=group_by_length`, grouped by the token
+        counts the data check measured (the dataset's `lengths`), not by encoding every sample again."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        lengths = getattr(dataset, "lengths", None)
-        if self.args.train_sampling_strategy == "group_by_length" and lengths is not None:
-            from transformers.trainer_pt_utils import LengthGroupedSampler
-
-            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        lengths=lengths)
+        if isinstance(dataset, SeededSamples):
+            group = None
+            if self.args.train_sampling_strategy == "group_by_length":
+                group = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return EpochSampler(len(dataset), self.args.seed, lengths=dataset.lengths, group_size=group)
         return super()._get_train_sampler(train_dataset)
+
+    def _run_epoch(self, *args, epoch, **kwargs):
+        if self.state.global_step >= self.state.max_steps > 0:
+            # resumed from the last checkpoint mid-epoch: the Trainer would run one step before it checks
+            self.control.should_training_stop = True
+            return None
+        # accelerate forwards set_epoch to a sampler two wrappers deep, not three (DDP shard + resume skip)
+        if isinstance(self._train_sampler(), EpochSampler):
+            self._train_sampler().set_epoch(epoch)
+        return super()._run_epoch(*args, epoch=epoch, **kwargs)
+
+    def _train_sampler(self):
+        loader = self.callback_handler.train_dataloader
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        for _ in range(4):
+            sampler = getattr(batch_sampler, "sampler", None)
+            if isinstance(sampler, EpochSampler):
+                return sampler
+            batch_sampler = getattr(batch_sampler, "batch_sampler", None)
+        return None
+
+    # ---- numerical faults ----
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if "record_index" in inputs:
+            self._step_records.extend(inputs["record_index"].tolist())
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            where = self._where(inputs.get("record_index"))
+            message = (f"loss is {loss.item()} at step {self.state.global_step + 1} (records {where}); "
+                       "nothing from this step was applied or saved")
+            if self.on_nonfinite == "stop":
+                raise NumericalFault(message + "; on_nonfinite=skip skips such steps instead")
+            self._bad_loss.append(where)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        records, self._step_records = self._step_records, []
+        value = float(norm) if norm is not None else 0.0
+        if math.isfinite(value) and not self._bad_loss:
+            return norm
+        self._bad_loss = []
+        message = (f"gradient norm {value} at step {self.state.global_step + 1} (records "
+                   f"{self._where(records)})")
+        if self.on_nonfinite == "stop":
+            raise NumericalFault(message + "; nothing from this step was applied or saved; on_nonfinite=skip "
+                                 "skips such steps instead")
+        log.warning("%s: step skipped (on_nonfinite=skip), no parameter was updated", message)
+        for p in model.parameters():
+            p.grad = None  # the optimizer leaves parameters without a gradient untouched
+        return norm
+
+    def _where(self, indices) -> str:
+        where = getattr(self.train_dataset, "where", None)
+        if indices is None or where is None:
+            return "unknown"
+        indices = indices.tolist() if torch.is_tensor(indices) else list(indices)
+        return ", ".join(dict.fromkeys(where[i] for i in indices))
+
+    # ---- checkpoints: staged, then published complete ----
+
+    def _get_output_dir(self, trial):
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = Path(self.args.output_dir)
+        staged = staging_dir(run_dir) / f"checkpoint-{self.state.global_step}"
+        self._staging = staged.parent
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as e:
+            if self.args.should_save:
+                shutil.rmtree(staged, ignore_errors=True)
+            raise checkpoint_error(e, run_dir / staged.name) from e
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states, ZeRO shards) are in
+        if self.args.should_save:
+            best = self.state.best_model_checkpoint
+            if best and Path(best).parent == staged.parent:
+                self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+                self.state.save_to_json(str(staged / "trainer_state.json"))
+            target = publish(staged, run_dir, self.checkpoint_files, self.state.global_step, self.args.world_size,
+                             self.parallel)
+            rotate(run_dir, self.args.save_total_limit, keep=[self.state.best_model_checkpoint, target])
+        self.accelerator.wait_for_everyone()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Full weights through `from_pretrained`: InternVL saves its keys in the published layout
+        (`language_model.model.*`), which the Trainer's plain `load_state_dict(strict=False)` silently misses."""
+        from peft import PeftModel
+
+        model = model if model is not None else self.model
+        unwrapped = self.accelerator.unwrap_model(model)
+        folder = Path(resume_from_checkpoint)
+        full = any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
+        if isinstance(unwrapped, PeftModel) or not full or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = type(unwrapped).from_pretrained(folder, config=unwrapped.config,
+                                                dtype=next(unwrapped.parameters()).dtype)
+        unwrapped.load_state_dict(saved.state_dict(), strict=True)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if not self.resume_only_model:
+            super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_scaler(self, checkpoint):
+        if not self.resume_only_model:
+            super()._load_scaler(checkpoint)
 
     def _prepare_inputs(self, inputs):
         """Batches whose tiles came as uint8 (the collator's `normalise_tiles=False`, on a GPU) are normalised
@@ -53,7 +190,7 @@ class VLTrainer(Trainer):
         in evaluation too; otherwise when they have trainable parameters (DDP needs a gradient for each, the
         official recipe's dummy image with `image_flags` 0). See `_dummy_image`: the loss and the gradients of
         everything else are unchanged, the vision side gets zero gradients."""
-        inputs = {k: v for k, v in inputs.items() if k != "tiles_per_sample"}
+        inputs = {k: v for k, v in inputs.items() if k not in ("tiles_per_sample", "record_index")}
         dummy = inputs.get("pixel_values") is None and self._vision_must_run(model)
         with _dummy_image(self.accelerator.unwrap_model(model)) if dummy else nullcontext():
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
