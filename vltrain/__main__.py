@@ -39,12 +39,14 @@ log = logging.getLogger("vltrain")
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> dict | None:
     run_dir = cfg.run_dir
+    is_main = int(os.environ.get("RANK", "0")) == 0  # only the main process writes (and removes) the run folder
     try:
         train_cfg, _ = to_train_config(cfg)
         if train_cfg.resume:  # the saved config, with the keys given on the command line
             train_cfg = resume_config(cfg, HydraConfig.get().overrides.task)
     except ConfigError as e:  # raised inside Hydra's job: exit here, or Hydra wraps it in a traceback
-        discard_unused_run_dir(run_dir)
+        if is_main:
+            discard_unused_run_dir(run_dir)
         sys.exit(f"vltrain: config error: {e}")
     from vltrain.sweep import FINAL_METRICS, slurm_torchrun_command, write_final_metrics
 
@@ -70,10 +72,12 @@ def main(cfg: DictConfig) -> dict | None:
     try:
         metrics = train(train_cfg)
     except (ConfigError, CheckpointError, NumericalFault) as e:  # bad rows, a full disk, a NaN: one message
-        discard_unused_run_dir(run_dir)
+        if is_main:
+            discard_unused_run_dir(run_dir)
         sys.exit(f"vltrain: {e}")
     except BaseException:
-        discard_unused_run_dir(run_dir)
+        if is_main:
+            discard_unused_run_dir(run_dir)
         raise
     log.info("final metrics: %s", metrics)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -279,6 +279,11 @@ class TrainConfig:
         check_trainer_values(self.trainer)
         if (self.resume_only_model or self.resume_force) and not self.resume:
             raise ConfigError("resume_only_model / resume_force apply with resume=auto or resume=<path>")
+        if self.resume_only_model and self.parallel.name.startswith("zero"):
+            # the Trainer resumes DeepSpeed through the engine's own checkpoint, optimizer and schedule included
+            raise ConfigError(f"resume_only_model: not available with DeepSpeed (parallel={self.parallel.name}), "
+                              "whose checkpoints always restore the optimizer; resume without it, or start a new run "
+                              "from the checkpoint's weights (model.path=<checkpoint>)")
         if self.global_batch_size < 1:
             raise ConfigError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
         if self.model.load_in_8bit and self.sft_type.name != "lora":

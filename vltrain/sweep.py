@@ -75,11 +75,17 @@ _CHILD: subprocess.Popen | None = None
 """The torchrun process this SLURM job started (signalled on preemption)."""
 
 
+def _ignore_sigusr1() -> None:
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def run_child(cmd: list[str]) -> int:
-    """Run `cmd` (torchrun) and wait; its exit status."""
+    """Run `cmd` (torchrun) and wait; its exit status. It runs in a process group of its own, with SIGUSR1
+    ignored: torchrun does not forward that signal (it dies of it), so the preemption signal goes to the whole
+    group, where the training processes' own handler (installed when training starts) catches it."""
     global _CHILD
     print("vltrain: " + " ".join(cmd), flush=True)
-    _CHILD = subprocess.Popen(cmd)
+    _CHILD = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_ignore_sigusr1)
     try:
         return _CHILD.wait()
     finally:
@@ -87,11 +93,12 @@ def run_child(cmd: list[str]) -> int:
 
 
 def stop_child_with_checkpoint(timeout_s: float = 600) -> None:
-    """Ask the training processes to save a checkpoint and stop (SIGUSR1, see train/preempt.py); wait for them."""
+    """Ask the training processes to save a checkpoint and stop (SIGUSR1 to torchrun's process group, see
+    train/preempt.py); wait for them."""
     child = _CHILD
     if child is None or child.poll() is not None:
         return
-    child.send_signal(signal.SIGUSR1)
+    os.killpg(child.pid, signal.SIGUSR1)
     try:
         child.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:

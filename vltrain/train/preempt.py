@@ -1,8 +1,8 @@
 """Training callbacks of multi-process and cluster runs: the run's shape in `logging.jsonl`, and a checkpoint on
 preemption.
 
-- `RunShape`: the first row of `logging.jsonl` holds the world size and the global batch as the processes see
-  it (per-device batch x gradient accumulation x world size).
+- `RunShape`: a row of `logging.jsonl` at each start and resume holds the world size and the global batch as the
+  processes see it (per-device batch x gradient accumulation x world size).
 - `PreemptionCheckpoint`: on SIGTERM or SIGUSR1 (what SLURM sends before it preempts or ends a job) every rank
   finishes its step, a checkpoint is saved, training stops, and the run folder gets a `PREEMPTED` file; the job
   is then requeued with `resume=auto` (conf/hydra/launcher/slurm.yaml) and continues from that checkpoint.
@@ -27,7 +27,7 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class RunShape(TrainerCallback):
-    """Writes the run's shape as the first row of `<run>/logging.jsonl` (rank 0)."""
+    """Writes the run's shape as a row of `<run>/logging.jsonl` when training starts or resumes (rank 0)."""
 
     def __init__(self, world_size: int, requested_global_batch: int):
         self.world_size = world_size

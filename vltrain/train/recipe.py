@@ -136,16 +136,16 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
     checkpoint_files = {}  # besides the run config and the data manifest
     if cfg.model.init == "random":
         # A random base is part of the run: save it so LoRA checkpoints reload onto the same weights, and (outside
-        # ZeRO-3, whose partitioned init draws other numbers) record how to rebuild it, so that a checkpoint
-        # copied elsewhere still loads.
+        # ZeRO-3, whose partitioned init draws other numbers, and 8-bit) record how to rebuild it, so that a
+        # checkpoint copied elsewhere still loads.
         base = run.base_model
         if is_deepspeed_zero3_enabled():
             save_partitioned(model, base, is_main=run.is_main)
-        else:
-            if run.is_main:
-                model.save_pretrained(base)
-            run.write_text(BASE_RECORD, json.dumps({"seed": args.seed, "dtype": str(model.dtype).split(".")[-1],
-                                                    "sha256": weights_digest(model)}))
+        elif run.is_main:
+            model.save_pretrained(base)
+            if not cfg.model.load_in_8bit:  # the record rebuilds the unquantised weights
+                run.write_text(BASE_RECORD, json.dumps({"seed": args.seed, "dtype": str(model.dtype).split(".")[-1],
+                                                        "sha256": weights_digest(model)}))
         if run.is_main:
             tokenizer.save_pretrained(base)
         parallel.wait_for_all(cfg.parallel.wait_minutes)

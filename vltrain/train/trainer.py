@@ -19,7 +19,7 @@ from vltrain.data.records import Record
 from vltrain.data.tiling import normalise_tensor
 from vltrain.infer.engine import answer_records, exact_match, reference_answers
 from vltrain.model.tuning import trainable_parts
-from vltrain.train.checkpoint import checkpoint_error, publish, rotate, staging_dir
+from vltrain.train.checkpoint import CheckpointError, checkpoint_error, publish, rotate, staging_dir
 from vltrain.train.order import EpochSampler, SeededSamples
 
 log = logging.getLogger(__name__)
@@ -132,24 +132,42 @@ class VLTrainer(Trainer):
         run_dir = Path(self.args.output_dir)
         staged = staging_dir(run_dir) / f"checkpoint-{self.state.global_step}"
         self._staging = staged.parent
+        failure = None
         try:
             super()._save_checkpoint(model, trial)
-        except Exception as e:
-            if self.args.should_save:
-                shutil.rmtree(staged, ignore_errors=True)
-            raise checkpoint_error(e, run_dir / staged.name) from e
+        except Exception as e:  # noqa: BLE001 - reported below, on every rank
+            failure = e
         finally:
             self._staging = None
-        self.accelerator.wait_for_everyone()  # every rank's files (RNG states, ZeRO shards) are in
+        self._stop_if_any_failed(failure, staged, run_dir)  # also: every rank's files (RNG, ZeRO shards) are in
         if self.args.should_save:
-            best = self.state.best_model_checkpoint
-            if best and Path(best).parent == staged.parent:
-                self.state.best_model_checkpoint = str(run_dir / Path(best).name)
-                self.state.save_to_json(str(staged / "trainer_state.json"))
-            target = publish(staged, run_dir, self.checkpoint_files, self.state.global_step, self.args.world_size,
-                             self.parallel)
-            rotate(run_dir, self.args.save_total_limit, keep=[self.state.best_model_checkpoint, target])
-        self.accelerator.wait_for_everyone()
+            try:
+                best = self.state.best_model_checkpoint
+                if best and Path(best).parent == staged.parent:
+                    self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+                    self.state.save_to_json(str(staged / "trainer_state.json"))
+                target = publish(staged, run_dir, self.checkpoint_files, self.state.global_step,
+                                 self.args.world_size, self.parallel)
+                rotate(run_dir, self.args.save_total_limit, keep=[self.state.best_model_checkpoint, target])
+            except Exception as e:  # noqa: BLE001
+                failure = e
+        self._stop_if_any_failed(failure, staged, run_dir)
+
+    def _stop_if_any_failed(self, failure: Exception | None, staged: Path, run_dir: Path) -> None:
+        """A save that failed on one process stops all of them (the others would wait for it forever in the
+        next collective); the partial checkpoint is removed once no process writes to it any more."""
+        failed = failure is not None
+        if self.args.world_size > 1:
+            flag = torch.tensor([int(failed)], device=self.args.device)
+            failed = bool(self.accelerator.reduce(flag, reduction="sum").item())
+        if not failed:
+            return
+        if self.args.should_save:
+            shutil.rmtree(staged, ignore_errors=True)
+        if isinstance(failure, CheckpointError):
+            raise failure
+        error = failure if failure is not None else RuntimeError("another process failed to save its part")
+        raise checkpoint_error(error, run_dir / staged.name) from failure
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Full weights through `from_pretrained`: InternVL saves its keys in the published layout
