@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from vltrain.cli import compose_config
 from vltrain.data import dataset as ds
@@ -39,10 +39,11 @@ def test_a_second_run_on_the_same_data_encodes_nothing(tmp_path, demo, monkeypat
         patch.setattr(ds, "encode_row", lambda *a: pytest.fail("encoded again"))
         second = build_trainer(config(tmp_path / "b", demo))  # another run folder, the same cache
     assert len(second.train_dataset) == len(first.train_dataset) == 40
-    a, b = first.train_dataset[3], second.train_dataset[3]
+    samples = second.train_dataset.dataset  # the training set, under its seeded (epoch, index) order
+    a, b = first.train_dataset.dataset[3], samples[3]
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
     assert a.pixel_values.dtype == torch.uint8  # uint8 from the dataset; the collator normalises
-    assert second.train_dataset.lengths == [len(second.train_dataset[i].input_ids) for i in range(40)]
+    assert second.train_dataset.lengths == [len(samples[i].input_ids) for i in range(40)]
 
 
 @pytest.mark.parametrize("encode", ["datasets", "lazy"])
@@ -50,12 +51,16 @@ def test_packed_training_runs_on_packs_grouped_by_length(tmp_path, demo, encode)
     cfg = config(tmp_path, demo, "data.packing=true", "data.max_length=1024", f"data.encode={encode}",
                  "trainer.train_sampling_strategy=group_by_length")
     trainer = build_trainer(cfg)
-    packs = trainer.train_dataset
+    packs = trainer.train_dataset.dataset  # under the seeded (epoch, index) order
     assert isinstance(packs, PackedDataset)
     assert sorted(i for g in packs.groups for i in g) == list(range(40)) and len(packs) < 40
     assert all(n <= 1024 for n in packs.lengths)
     sampler = trainer._get_train_sampler()
-    assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == packs.lengths
+    assert sampler.lengths == packs.lengths and sampler.group_size == 2
+    order = [index for _, index in sampler]
+    assert sorted(order) == list(range(len(packs)))
+    grouped = get_length_grouped_indices(packs.lengths, 2, generator=torch.Generator().manual_seed(sampler.seed))
+    assert order == grouped  # transformers' length-grouped order, drawn from the (seed, epoch) generator
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
     assert (batch["position_ids"] == 0).sum() == len(batch["tiles_per_sample"]) > 2  # two packs, several records

@@ -188,33 +188,30 @@ def test_killed_run_resumes_bitwise_soak(tmp_path, tmp_path_factory, demo, sft, 
 
 @pytest.mark.multiprocess
 def test_ddp_killed_run_resumes_bitwise(tmp_path, tmp_path_factory, demo):
-    """2-process DDP (gloo on CPU): killed inside a save, resumed with `resume=auto`, equal to an uninterrupted
-    DDP run; every rank restores its own RNG state and the data order follows from (seed, epoch, step)."""
-    if not (ROOT / "vltrain" / "conf" / "parallel" / "ddp.yaml").is_file():
-        pytest.skip("parallel=ddp is not available in this checkout (vltrain/conf/parallel/ddp.yaml is absent)")
+    """2-process DDP (gloo on CPU): both ranks killed inside step 3, resumed with `resume=auto`, equal to an
+    uninterrupted DDP run; every rank restores its own RNG state and the data order follows from (seed, epoch,
+    step)."""
     args = [*overrides(demo, "lora"), "parallel=ddp", "global_batch_size=4"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
-    def torchrun(run_dir: Path, extra: list[str], kill_after_checkpoint: int | None = None):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vltrain", *args,
+    runner = tmp_path / "runner.py"
+    runner.write_text(RUNNER, encoding="utf-8")
+
+    def torchrun(run_dir: Path, extra: list[str], kill: tuple[str, int] | None = None):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(runner), *args,
                f"hydra.run.dir={run_dir}", *extra]
-        proc = subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
-        if kill_after_checkpoint:
-            deadline = time.monotonic() + 300
-            while not (run_dir / f"checkpoint-{kill_after_checkpoint}").is_dir() and proc.poll() is None \
-                    and time.monotonic() < deadline:
-                time.sleep(0.02)
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-        out, _ = proc.communicate(timeout=600)
-        return proc.returncode, out
+        kill_env = {"KILL_WHERE": kill[0], "KILL_STEP": str(kill[1])} if kill else {}
+        proc = subprocess.run(cmd, cwd=run_dir.parent, env={**env, **kill_env}, capture_output=True, text=True,
+                              timeout=600)
+        return proc.returncode, proc.stdout + proc.stderr
 
     ref_dir = tmp_path / "reference"
     code, out = torchrun(ref_dir, [])
     assert code == 0, out[-3000:]
     run_dir = tmp_path / "run"
-    torchrun(run_dir, [], kill_after_checkpoint=SAVE_STEPS)
-    assert not (run_dir / f"checkpoint-{MAX_STEPS}").exists()
+    code, out = torchrun(run_dir, [], kill=("step", SAVE_STEPS + 1))  # both ranks die inside step 3
+    assert code != 0 and (run_dir / f"checkpoint-{SAVE_STEPS}").is_dir(), out[-3000:]
+    assert not (run_dir / f"checkpoint-{2 * SAVE_STEPS}").exists()
     code, out = torchrun(run_dir, ["resume=auto"])
     assert code == 0, out[-3000:]
     got, expected = final_weights(run_dir, "lora"), final_weights(ref_dir, "lora")

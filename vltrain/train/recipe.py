@@ -114,10 +114,9 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
     if point and point.checkpoint:
         check_data(point, json.loads(manifest), cfg.resume_force)
         args.eval_on_start = False  # evaluated before; RNG and history continue from the checkpoint
-    # Workers kept across epochs and evaluations (no restart at each epoch); torch's threads on the cores they
-    # leave free.
-    if "dataloader_persistent_workers" not in cfg.trainer and args.dataloader_num_workers > 0:
-        args.dataloader_persistent_workers = True
+    # torch's threads on the cores the DataLoader workers leave free. (Workers are not kept across epochs by
+    # default: a kept iterator skips the draw from the torch RNG that each new one makes, so a run resumed
+    # mid-epoch would see other dropout masks than the run it continues.)
     share_cores(args.dataloader_num_workers)
 
     # Full fine-tuning keeps fp32 master weights under mixed precision; LoRA trains fp32 adapters on a base
