@@ -17,7 +17,7 @@ check (sizes kept); the encoder's normalised samples (`data.encode=lazy`, per ep
 (`data.encode=datasets`, once per run and data); reading a sample back from the cache and normalising it (per
 epoch). Whole run: those combined for `--epochs` epochs.
 
-    python scripts/bench/data.py [--records 40] [--epochs 3] [--swift-python /work/swift-venv/bin/python]
+    python scripts/bench/data.py [--records 40] [--epochs 3] [--swift-python ../swift-venv/bin/python]
 """
 
 from __future__ import annotations
@@ -55,10 +55,8 @@ from vltrain.data.tiling import TILE_SIZE, choose_grid, normalise
 from vltrain.model.load import EMBEDDED_TOKENIZER
 from vltrain.model.tokenizer import add_internvl_tokens, load_tokenizer
 
-# ../shared/tokenizers next to the checkout (or next to the folder of worktrees holding it)
-SHARED_INTERNLM2 = next((p / "shared" / "tokenizers" / "internlm2" for p in Path(__file__).resolve().parents[2:5]
-                         if (p / "shared" / "tokenizers" / "internlm2").is_dir()),
-                        Path(__file__).resolve().parents[3] / "shared" / "tokenizers" / "internlm2")
+# ../shared/tokenizers next to the checkout
+SHARED_INTERNLM2 = Path(__file__).resolve().parents[3] / "shared" / "tokenizers" / "internlm2"
 MAX_TILES = 12
 VIDEO_FRAMES = 8
 # Photo-like sizes: square, 4:3, 3:2, 16:9, portrait, panoramas, small and large.
@@ -236,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=2, help="runs of each row; the least CPU time is kept")
     parser.add_argument("--procs", type=int, default=2, help="processes for the datasets-API comparison (1: skip)")
-    parser.add_argument("--swift-python", default="/work/swift-venv/bin/python",
-                        help="Python of a virtual environment with ms-swift 2.x (skipped when absent)")
+    parser.add_argument("--swift-python", default="../swift-venv/bin/python",
+                        help="Python of a virtual environment with ms-swift 2.x, outside the repository (its row is "
+                             "skipped when absent)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     keep_freed_memory()  # as the DataLoader workers do (vltrain.data.dataset)
