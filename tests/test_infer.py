@@ -154,6 +154,25 @@ def test_held_out_split_is_training_s_and_a_changed_file_is_named(tmp_path, demo
     assert "changed since training" in caplog.text and str(demo.train) in caplog.text
 
 
+def test_the_manifest_of_a_run_on_relative_paths_names_the_held_out_rows(tmp_path, demo, monkeypatch, caplog):
+    """A run started on `dataset.train=[train.jsonl]` (relative) records absolute paths in its manifest, so
+    evaluation from another folder (the saved config names the files absolutely) finds every held-out row."""
+    import dataclasses
+
+    from vltrain.data.dataset import load_splits
+    from vltrain.train.checkpoint import data_manifest
+
+    ckpt = make_lora_checkpoint(tmp_path / "run", demo, val=False)
+    _, _, cfg = load_checkpoint(ckpt)
+    monkeypatch.chdir(demo.train.parent)
+    relative = dataclasses.replace(cfg.dataset, train=[demo.train.name])
+    _, val = load_splits(relative)  # the records as training names them
+    (ckpt / "data_manifest.json").write_text(json.dumps(data_manifest([demo.train.name], [r.key for r in val])))
+    monkeypatch.chdir(tmp_path)
+    held = held_out_records(cfg, ckpt)
+    assert len(held) == len(val) > 0 and "were not found" not in caplog.text
+
+
 @pytest.mark.slow
 def test_merge_equals_adapters_and_evaluation_writes_results(tmp_path, demo, capsys):
     ckpt = make_lora_checkpoint(tmp_path / "run", demo)

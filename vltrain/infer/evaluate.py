@@ -144,8 +144,8 @@ def held_out_records(cfg, ckpt_dir: Path | None = None) -> list[Record]:
     for e in errors:
         log.warning("row left out: %s", e)
     if manifest and manifest.get("val_keys") is not None:
-        keys = {(str(s), int(r)) for s, r in manifest["val_keys"]}
-        found = [r for r in val if (r.source, r.row or r.line) in keys]
+        keys = {(str(Path(s).resolve()), int(r)) for s, r in manifest["val_keys"]}
+        found = [r for r in val if (str(Path(r.key[0]).resolve()), r.key[1]) in keys]
         if len(found) != len(keys):
             log.warning("%d of the %d held-out rows named in %s were not found in the data files now",
                         len(keys) - len(found), len(keys), MANIFEST)

@@ -206,13 +206,13 @@ def file_sha256(path: Path) -> str:
 
 def data_manifest(record_files: list[str], val_keys: list[tuple[str, int]]) -> dict[str, Any]:
     """{"files": [{"path", "size", "sha256"}], "val_keys": [[source, row], ...]}: the record files a run reads
-    (media are not hashed) and the `Record.key` of every held-out record."""
+    (media are not hashed) and the `Record.key` of every held-out record, paths made absolute."""
     files = []
     for name in dict.fromkeys(record_files):
-        path = Path(name)
+        path = Path(name).resolve()  # absolute, as the checkpoint's config names them: usable from any folder
         if path.is_file():
             files.append({"path": str(path), "size": path.stat().st_size, "sha256": file_sha256(path)})
-    return {"files": files, "val_keys": [list(k) for k in val_keys]}
+    return {"files": files, "val_keys": [[str(Path(source).resolve()), row] for source, row in val_keys]}
 
 
 def manifest_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
