@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 
 from vltrain.progress import bar_class, progress, progress_line
 
@@ -78,3 +79,23 @@ def test_library_bars_quiet_off_a_terminal():
         assert not transformers_logging.is_progress_bar_enabled()
     finally:
         enable()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_training_draws_bars_only_on_a_terminal(tmp_path, monkeypatch):
+    """Off a terminal the Trainer prints each logged step as a line (no carriage-return bars in log files)."""
+    from vltrain.cli import compose_config
+    from vltrain.train.recipe import build_training_arguments
+
+    cfg = compose_config([], run_dir=str(tmp_path / "run"))
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert build_training_arguments(cfg, tmp_path / "run", 1).disable_tqdm
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    assert not build_training_arguments(cfg, tmp_path / "run", 1).disable_tqdm
+    cfg = compose_config(["trainer.disable_tqdm=false"], run_dir=str(tmp_path / "run"))
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert not build_training_arguments(cfg, tmp_path / "run", 1).disable_tqdm  # the user's choice wins

@@ -39,6 +39,7 @@ from vltrain.model.load import (
     weights_digest,
 )
 from vltrain.model.tuning import apply_sft, trainable_summary
+from vltrain.progress import is_terminal
 from vltrain.train import parallel
 from vltrain.train.callbacks import JsonlLogger, LossPlot
 from vltrain.train.checkpoint import (
@@ -348,6 +349,9 @@ def build_training_arguments(cfg: TrainConfig, run_dir: Path, world_size: int,
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings under LoRA work.
         kwargs.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
     kwargs.setdefault("report_to", [] if cfg.logger.name == "none" else [cfg.logger.name])
+    # Off a terminal (a log file, CI, a cluster job) the Trainer's bars would fill the log with carriage returns;
+    # it then prints each logged step as one line instead.
+    kwargs.setdefault("disable_tqdm", not is_terminal())
     if cfg.logger.name == "wandb":
         os.environ.setdefault("WANDB_PROJECT", cfg.logger.project)
     return TrainingArguments(
