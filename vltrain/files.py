@@ -1,7 +1,9 @@
-"""Writing files so that a reader never sees half of one: a temporary name in the same folder, renamed into place."""
+"""Files: writing so that a reader never sees half of one (a temporary name in the same folder, renamed into
+place), and the sha256 that data manifests record."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -25,3 +27,12 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -18,7 +18,6 @@ Output: `<result_dir>/<time>.jsonl`, one row per answered record (`system`, `que
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vltrain.data.records import Record, RecordError
-from vltrain.files import write_atomic
+from vltrain.files import file_sha256, write_atomic
 from vltrain.infer.engine import Conversation, Engine, exact_match, reference_text
 
 log = logging.getLogger(__name__)
@@ -93,14 +92,6 @@ def score(answers: list[str], references: list[str]) -> dict[str, float]:
 # ---- the held-out split ---------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def manifest_changes(manifest: dict) -> list[str]:
     """What differs between the data files a checkpoint was trained on and the files now."""
     changes = []
@@ -110,7 +101,7 @@ def manifest_changes(manifest: dict) -> list[str]:
             changes.append(f"{path}: missing")
         elif entry.get("size") is not None and path.stat().st_size != entry["size"]:
             changes.append(f"{path}: size {path.stat().st_size} bytes, was {entry['size']}")
-        elif entry.get("sha256") and _sha256(path) != entry["sha256"]:
+        elif entry.get("sha256") and file_sha256(path) != entry["sha256"]:
             changes.append(f"{path}: contents changed (sha256)")
     return changes
 

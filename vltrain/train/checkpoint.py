@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from typing import Any
 import yaml
 
 from vltrain.config import RUN_CONFIG, ConfigError, TrainConfig, validate
-from vltrain.files import write_atomic
+from vltrain.files import file_sha256, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +193,6 @@ def _fsync_dir(folder: Path) -> None:
 
 
 # ---- the data manifest ---------------------------------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def data_manifest(record_files: list[str], val_keys: list[tuple[str, int]]) -> dict[str, Any]:
