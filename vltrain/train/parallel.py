@@ -56,16 +56,22 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any] | None:
         return None
     if isinstance(spec, dict):
         return json.loads(json.dumps(spec))  # a deep copy: the Trainer fills `auto` values in place
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"parallel.deepspeed={spec}: no such file")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    path, config = read_json_file(spec, "parallel.deepspeed")
     if not isinstance(config, dict) or "zero_optimization" not in config:
         raise ConfigError(f"{path}: a DeepSpeed config needs a zero_optimization section")
     return config
+
+
+def read_json_file(spec: str, key: str) -> tuple[Path, Any]:
+    """(path, parsed contents) of the JSON file config key `key` names; a missing file or bad JSON is one
+    ConfigError naming the key, or the file and line."""
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{key}={spec}: no such file")
+    try:
+        return path, json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
 def check_launch(cfg: TrainConfig, processes: int) -> None:
@@ -256,13 +262,7 @@ def device_map_config(cfg: ModelConfig) -> dict[str, Any] | None:
     spec = cfg.device_map_config
     if spec is None or isinstance(spec, dict):
         return spec
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"model.device_map_config={spec}: no such file")
-    try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    path, mapping = read_json_file(spec, "model.device_map_config")
     if not isinstance(mapping, dict):
         raise ConfigError(f"{path}: a device map is a JSON object of module name -> device")
     return mapping
