@@ -316,14 +316,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _python_row(encoder: Encoder, record: Record) -> dict:
+    """`encode_row` with its pixels as bytes: the Python row datasets' own writers take."""
+    row = encode_row(encoder, record)
+    return {**row, "pixels": b"" if row["pixels"] is None else row["pixels"].numpy().tobytes()}
+
+
 def _map_row(row: dict, records: list[Record], encoder: Encoder) -> dict:
-    return encode_row(encoder, records[row["index"]])
+    return _python_row(encoder, records[row["index"]])
 
 
 def _generate_rows(shards: list[list[int]], records: tuple[Record, ...], encoder: Encoder):
     for shard in shards:  # datasets hands each process a slice of the `shards` list
         for i in shard:
-            yield encode_row(encoder, records[i])
+            yield _python_row(encoder, records[i])
 
 
 def _cpu() -> float:
