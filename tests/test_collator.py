@@ -22,7 +22,7 @@ def test_right_padding_and_tiles():
                                         [-100, -100, 8, 9, 0]]
     # Position decides the mask: the real token 0 at the end of c stays attended although it equals pad_id.
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
-    assert batch["tiles_per_sample"].tolist() == [2, 0, 4]
+    assert batch["tiles_per_sample"] == [2, 0, 4]
     assert batch["pixel_values"].shape == (6, 3, 2, 2)
     assert batch["pixel_values"][:, 0, 0, 0].tolist() == [2, 2, 1, 3, 3, 3]  # batch order, image order
 
@@ -36,7 +36,7 @@ def test_left_padding_for_generation():
 def test_text_only_batch_has_no_pixel_values():
     batch = collate([sample([1], [1]), sample([2, 3], [2, 3])], pad_id=0)
     assert "pixel_values" not in batch
-    assert batch["tiles_per_sample"].tolist() == [0, 0]
+    assert batch["tiles_per_sample"] == [0, 0]
 
 
 def test_bad_padding_side():

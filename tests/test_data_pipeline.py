@@ -96,3 +96,20 @@ def test_torch_threads_leave_the_workers_their_cores(monkeypatch):
 def test_allocator_keeps_freed_memory_once_per_process():
     assert ds.keep_freed_memory() is True  # glibc on Linux
     assert os.getpid() in ds._ALLOCATOR_TUNED and ds.keep_freed_memory() is True
+
+
+class _StrategyProbe(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        ds.ready_data_process()
+        return torch.multiprocessing.get_sharing_strategy()
+
+
+def test_workers_hand_tensors_over_by_name_and_the_main_process_is_left_alone():
+    before = torch.multiprocessing.get_sharing_strategy()
+    loader = torch.utils.data.DataLoader(_StrategyProbe(), batch_size=None, num_workers=1)
+    assert list(loader) == ["file_system", "file_system"]
+    ds.ready_data_process()  # in the main process: nothing changes
+    assert torch.multiprocessing.get_sharing_strategy() == before

@@ -40,9 +40,9 @@ def poisoned_trainer(tmp_path: Path, demo, policy: str):
         batch = collator(items)
         seen.append(1)
         if len(seen) == POISONED_STEP:
-            poisoned["records"] = [trainer.train_dataset.where[i] for i in batch["record_index"].tolist()]
+            poisoned["records"] = [trainer.train_dataset.where[i] for i in batch["record_index"]]
             if "pixel_values" in batch:
-                batch["pixel_values"][:] = float("nan")
+                batch["pixel_values"] = torch.full(batch["pixel_values"].shape, float("nan"))  # was uint8
             else:  # a text-only batch: NaN in its token embeddings
                 poisoned["embeddings"] = True
         return batch

@@ -177,7 +177,7 @@ def text_batch() -> dict[str, torch.Tensor]:
     ids = torch.tensor([[1, 7, 9, 11, 13, 2], [1, 8, 10, 12, 2, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
     labels = ids.masked_fill(mask == 0, -100)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "tiles_per_sample": torch.tensor([0, 0])}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "tiles_per_sample": [0, 0]}
 
 
 def image_batch() -> dict[str, torch.Tensor]:

@@ -47,7 +47,7 @@ def test_packed_row_keeps_positions_labels_and_tiles_per_record():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
     assert batch["labels"].tolist() == [[-100, 2, 3, IGNORE_INDEX, 5, -100, 7]]
     assert "attention_mask" not in batch  # the mask comes from the position ids
-    assert batch["tiles_per_sample"].tolist() == [2, 0, 1]
+    assert batch["tiles_per_sample"] == [2, 0, 1]
     assert batch["pixel_values"].dtype == torch.float32 and batch["pixel_values"].shape == (3, 3, 2, 2)
     unpacked = collate([a, b, c], pad_id=0)
     assert torch.equal(batch["pixel_values"], unpacked["pixel_values"])  # same tiles, same order, normalised

@@ -1,7 +1,8 @@
 """Collation: encoded samples -> one batch for InternVLForConditionalGeneration, padded or packed.
 
 Tiles arrive as uint8 pixels (4x fewer bytes than floats); they are normalised here with the function the encoder
-uses (`vltrain.data.tiling.normalise`, the same bits), or left uint8 for the trainer to normalise on the GPU.
+uses (`vltrain.data.tiling.normalise`, the same bits), or left uint8 for the trainer to normalise on its device
+(what training does: `VLTrainer._prepare_inputs`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def collate(samples: list[Sample], pad_id: int, padding_side: str = "right",
 
     Returns:
       input_ids (B, L) int64, labels (B, L) int64, attention_mask (B, L) int64,
-      tiles_per_sample (B,) int64, and pixel_values (T, 3, H, W) float32 only when T > 0 (uint8 with
+      tiles_per_sample, a list of B ints, and pixel_values (T, 3, H, W) float32 only when T > 0 (uint8 with
       `normalise_tiles=False` when the samples hold uint8 tiles).
     """
     if padding_side not in ("right", "left"):
@@ -61,7 +62,7 @@ def collate(samples: list[Sample], pad_id: int, padding_side: str = "right",
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
-        "tiles_per_sample": torch.tensor([sum(s.tiles_per_image) for s in samples], dtype=torch.long),
+        "tiles_per_sample": [sum(s.tiles_per_image) for s in samples],
     }
     pixel_values = _pixel_values(samples, normalise_tiles)
     if pixel_values is not None:
@@ -82,7 +83,7 @@ def collate_packed(samples: list[Sample], normalise_tiles: bool = True) -> dict[
     Tiles stay in record order, as the `<IMG_CONTEXT>` positions are.
 
     Returns:
-      input_ids (1, N), labels (1, N), position_ids (1, N) int64; tiles_per_sample (B,) int64;
+      input_ids (1, N), labels (1, N), position_ids (1, N) int64; tiles_per_sample, a list of B ints;
       use_cache False; pixel_values (T, 3, H, W) float32 only when T > 0.
     """
     labels = torch.cat([s.labels for s in samples])
@@ -92,7 +93,7 @@ def collate_packed(samples: list[Sample], normalise_tiles: bool = True) -> dict[
         "input_ids": torch.cat([s.input_ids for s in samples])[None],
         "labels": labels[None],
         "position_ids": torch.cat([torch.arange(len(s.input_ids)) for s in samples])[None],
-        "tiles_per_sample": torch.tensor([sum(s.tiles_per_image) for s in samples], dtype=torch.long),
+        "tiles_per_sample": [sum(s.tiles_per_image) for s in samples],
         "use_cache": False,  # transformers reads packed position ids only without a KV cache
     }
     pixel_values = _pixel_values(samples, normalise_tiles)
@@ -104,8 +105,8 @@ def collate_packed(samples: list[Sample], normalise_tiles: bool = True) -> dict[
 class Collator:
     """A picklable `collate` bound to a pad id, for DataLoader workers. With `packing`, items are packs (lists of
     samples, `vltrain.data.dataset.PackedDataset`) and a batch of packs becomes one packed row.
-    `normalise_tiles=False` leaves uint8 tiles uint8 (4x fewer bytes to the device, where the trainer normalises
-    them: `VLTrainer._prepare_inputs`)."""
+    `normalise_tiles=False` leaves uint8 tiles uint8 (4x fewer bytes from the workers and to the device, where the
+    trainer normalises them: `VLTrainer._prepare_inputs`)."""
 
     def __init__(self, pad_id: int, padding_side: str = "right", packing: bool = False,
                  normalise_tiles: bool = True):

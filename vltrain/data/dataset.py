@@ -17,8 +17,8 @@ Samples reach the Trainer one of two ways (`data.encode`), giving identical tens
     tokenizer, the encoding code and library versions; the data check reads its sizes from them and
     `PreEncodedDataset` serves the samples: no encoding per epoch, none at all on a rerun on the same data.
   - `lazy`: `EncodedDataset` encodes record i when the DataLoader asks for it (in its workers), every epoch.
-Tiles are kept and served as their uint8 pixels (0.6 MB per 448 px tile) and normalised in the collator (CPU) or
-on the GPU (`VLTrainer._prepare_inputs`) by the function the encoder uses, so the floats are the same bits.
+Tiles are kept and served as their uint8 pixels (0.6 MB per 448 px tile) and normalised by the trainer on its
+device (`VLTrainer._prepare_inputs`) by the function the encoder uses, so the floats are the same bits.
 `PackedDataset` groups samples into packs of up to `data.max_length` tokens (`data.packing`), from the token
 counts the check measured (`lengths`, also what `group_by_length` sorts by).
 """
@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from vltrain.config import ConfigError, DatasetConfig
 from vltrain.data.encode import Encoder, Sample
@@ -339,9 +339,20 @@ def keep_freed_memory() -> bool:
     return _ALLOCATOR_TUNED[pid]
 
 
+def ready_data_process() -> None:
+    """Set up a process that makes samples, on its first sample: `keep_freed_memory`, and in a DataLoader worker,
+    torch's `file_system` sharing strategy. The default strategy passes each tensor of a batch to the main process
+    as a file descriptor through a socket, a round trip with the worker per tensor; by shared-memory name the
+    trainer waited 1.1 ms instead of 2.2-2.8 ms for a batch of the demo (`scripts/bench/step.py`). Segments are
+    still reference-counted and cleaned up by torch's shared-memory manager."""
+    keep_freed_memory()
+    if get_worker_info() is not None and torch.multiprocessing.get_sharing_strategy() != "file_system":
+        torch.multiprocessing.set_sharing_strategy("file_system")
+
+
 class EncodedDataset(Dataset):
     """Encodes record i on access (in DataLoader workers), so images are decoded only when needed. Tiles come out
-    as uint8 pixels (4x fewer bytes between processes); the collator normalises them. `lengths`: tokens per record,
+    as uint8 pixels (4x fewer bytes between processes); the trainer normalises them. `lengths`: tokens per record,
     from the data check (for length grouping and packing)."""
 
     def __init__(self, records: list[Record], encoder: Encoder, lengths: list[int] | None = None):
@@ -353,7 +364,7 @@ class EncodedDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> Sample:
-        keep_freed_memory()
+        ready_data_process()
         return self.encoder(self.records[index], normalise=False)
 
 
@@ -626,7 +637,7 @@ def row_to_sample(row, normalise: bool = True) -> Sample:
 
 
 class PreEncodedDataset(Dataset):
-    """Samples read back from `encode_with_datasets`' cache, tiles as uint8 (the collator normalises them); `rows`
+    """Samples read back from `encode_with_datasets`' cache, tiles as uint8 (the trainer normalises them); `rows`
     selects (and orders) the rows served. `lengths`: tokens per served row."""
 
     def __init__(self, encoded, rows: list[int] | None = None, lengths: list[int] | None = None):
@@ -638,7 +649,7 @@ class PreEncodedDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> Sample:
-        keep_freed_memory()
+        ready_data_process()
         return row_to_sample(self.encoded[self.rows[index]], normalise=False)
 
 

@@ -188,8 +188,9 @@ def normalise(pixels: np.ndarray) -> torch.Tensor:
 
 
 def normalise_tensor(pixels: torch.Tensor) -> torch.Tensor:
-    """`normalise` for a (T, 3, S, S) uint8 tensor on any device (the trainer's, on the GPU): same ops, same
-    order, float32."""
+    """`normalise` for a (T, 3, S, S) uint8 tensor on any device (the trainer's): same ops, same order, float32."""
+    if pixels.device.type == "cpu":
+        return normalise(pixels.numpy())
     mean, std = _MEAN.to(pixels.device), _STD.to(pixels.device)
     return pixels.to(torch.float32).div_(255.0).sub_(mean).div_(std)
 

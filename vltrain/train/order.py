@@ -81,7 +81,8 @@ class SeededSamples(Dataset):
 
 
 class IndexedCollator:
-    """Wraps a collator: (index, sample) items become the batch plus `record_index` (B,) int64."""
+    """Wraps a collator: (index, sample) items become the batch plus `record_index`, the B record indices as a list
+    (it crosses from the DataLoader workers inside the pickle, where every tensor costs a shared-memory hand-over)."""
 
     def __init__(self, collator):
         self.collator = collator
@@ -90,6 +91,6 @@ class IndexedCollator:
         if items and isinstance(items[0], tuple):
             indices, samples = zip(*items)
             batch = self.collator(list(samples))
-            batch["record_index"] = torch.tensor(indices, dtype=torch.long)
+            batch["record_index"] = list(indices)
             return batch
         return self.collator(items)

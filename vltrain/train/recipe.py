@@ -174,8 +174,9 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
         args=args,
         train_dataset=SeededSamples(train_dataset, args.seed, train_dataset.where),
         eval_dataset=eval_dataset,
+        # tiles cross from the workers as uint8 and are normalised on the device (`VLTrainer._prepare_inputs`)
         data_collator=IndexedCollator(Collator(tokenizer.pad_token_id, packing=cfg.data.packing,
-                                               normalise_tiles=not torch.cuda.is_available())),  # GPU: uint8 there
+                                               normalise_tiles=False)),
         processing_class=tokenizer,
         callbacks=[RunShape(world, cfg.global_batch_size),
                    JsonlLogger(run_dir, resume_step=step if run.is_main else None), LossPlot(run_dir),
