@@ -55,7 +55,7 @@ class TimedLoader:
             except StopIteration:
                 return
             self.waits.append(time.perf_counter() - start)
-            self.records.append(list(batch["record_index"]))
+            self.records.append([int(i) for i in batch["record_index"]])
             yield batch
 
 
