@@ -239,6 +239,25 @@ def test_datasets_encoding_gives_identical_samples(tmp_path, encoder, mixed):
     assert sum(len(t) for t in tiles) == 5 and max(max(t, default=0) for t in tiles) > 1  # multi-tile images too
 
 
+def test_cache_rows_read_back_from_any_position_of_a_record_batch(encoder, mixed):
+    """The cache is written one row per record batch, but a row must read back right from a batch of several
+    (a list column's slice, not the whole batch's values)."""
+    import datasets
+    import pyarrow as pa
+
+    records = mixed[:5]
+    table = pa.concat_tables([ds.row_table(ds.encode_row(encoder, r)) for r in records]).combine_chunks()
+    assert table.column("input_ids").num_chunks == 1
+    served = PreEncodedDataset(datasets.Dataset(table))
+    for i, record in enumerate(records):
+        expected, sample = encoder(record, normalise=False), served[i]
+        assert torch.equal(sample.input_ids, expected.input_ids) and torch.equal(sample.labels, expected.labels)
+        assert sample.tiles_per_image == expected.tiles_per_image
+        assert (sample.pixel_values is None) == (expected.pixel_values is None)
+        if expected.pixel_values is not None:
+            assert torch.equal(sample.pixel_values, expected.pixel_values)
+
+
 def entries(cache: Path) -> list[Path]:
     """Complete entries of the encoded cache (one folder per fingerprint)."""
     return [p for p in cache.iterdir() if (p / "complete.json").is_file()]

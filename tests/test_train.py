@@ -102,3 +102,29 @@ def test_training_from_an_original_layout_checkpoint(tmp_path, demo, shared_toke
     assert saved_cfg.model.path == str(original)
     trained = held_out_logits(trainer.model, saved_cfg, tokenizer)
     assert (trained - held_out_logits(reloaded, saved_cfg, tokenizer)).abs().max() <= 1e-5
+
+
+def test_every_training_step_runs_in_training_mode_after_evaluations(tmp_path, demo):
+    """The trainer skips the Trainer's per-step `model.train()` walk while the model is still training; after an
+    evaluation (which switches the model to eval mode) every module must be back in training mode."""
+    cfg = run_config(tmp_path, demo, "lora")
+    cfg.trainer.update({"max_steps": 4, "eval_steps": 2, "save_steps": 100})
+    trainer = build_trainer(cfg)
+    model = trainer.model
+    modes, walks = [], []  # every module in training mode at each training forward; the root's train(mode) calls
+
+    def record(module, args, kwargs):
+        if torch.is_grad_enabled():  # training forwards only (evaluation runs under no_grad)
+            modes.append(all(m.training for m in model.modules()))
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    train = type(model).train
+    type(model).train = lambda self, mode=True: (walks.append(mode), train(self, mode))[1]
+    try:
+        trainer.train()
+    finally:
+        type(model).train = train
+    assert modes == [True] * 4 * trainer.args.gradient_accumulation_steps, modes
+    # evaluations at steps 2 and 4 switch the model to eval mode; it is walked back once, at step 3, and at none of
+    # the other steps (it was built in training mode)
+    assert walks.count(True) == 1 and walks.count(False) >= 2, walks

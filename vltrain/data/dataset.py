@@ -449,7 +449,7 @@ def encode_row(encoder: Encoder, record: Record) -> dict[str, Any]:
 def row_table(row: dict[str, Any]):
     """An `encode_row` row as a one-row Arrow table of the cache's schema. The pixel column points at the tile
     tensor's memory instead of copying it (datasets' `ArrowWriter.write` builds its columns from Python objects:
-    3-5x the CPU for the same file), so writing a row costs one copy, into the file."""
+    1.4x the CPU for the same file, `scripts/bench/data.py`), so writing a row costs one copy, into the file."""
     import pyarrow as pa
 
     schema = _schema()
@@ -621,7 +621,7 @@ def row_to_sample(row, normalise: bool = True) -> Sample:
     converted to Python objects), as a Sample; `normalise=False` keeps the tiles as their uint8 pixels, copied once
     out of the file."""
     def ints(name: str) -> np.ndarray:
-        return row.column(name).chunk(0).values.to_numpy()
+        return row.column(name).chunk(0).flatten().to_numpy()  # flatten, not .values: the row's own slice
 
     shape = ints("pixel_shape")
     pixels = None

@@ -231,7 +231,7 @@ class VLTrainer(Trainer):
         """Tiles come from the DataLoader workers as uint8 (the collator's `normalise_tiles=False`) and are
         normalised here, on the device: on a GPU after the 4x smaller copy; on the CPU into this process's own
         memory, which costs less than touching float tiles in the workers' shared memory for the first time (page
-        faults: 4 ms against 1.8 ms for 4 tiles, `scripts/bench/step.py`)."""
+        faults: 4 ms against 1.2 ms to normalise 4 tiles, BENCHMARKS.md)."""
         inputs = super()._prepare_inputs(inputs)
         pixels = inputs.get("pixel_values")
         if pixels is not None and pixels.dtype == torch.uint8:
