@@ -1,13 +1,15 @@
 """Benchmark: what vltrain adds around the model's forward and backward, and how long the trainer waits for data.
 
-The demo's training (tiny random InternVL, 480 demo rows, batch 4, LoRA as the demo runs it; `data.encode` as
+The demo's training (random InternVL, 480 demo rows, batch 4, LoRA as the demo runs it; `data.encode` as
 configured, default `datasets`) runs `--steps` optimizer steps under vltrain's Trainer; then a bare PyTorch loop
-does the same forward, backward, gradient clipping and AdamW step on the same model, the same batches (collated
-in memory beforehand) and the same thread count. Steps after the first `--warmup` are timed.
+does the same forward, backward, gradient clipping and AdamW step on the same model, the batches the Trainer ran
+in its order (collated and normalised in memory beforehand) and the same thread count. Steps after the first
+`--warmup` are timed. `--size small` widens and deepens the demo's model (~0.6 s steps on one core).
 
   step overhead   vltrain seconds per step / bare loop seconds per step (goal <= 1.05)
   data wait       share of vltrain's step time spent waiting for the next batch from the DataLoader
                   (goal <= 2% with the default workers)
+  normalisation   share of vltrain's step time spent normalising the batch's uint8 tiles on the trainer's device
 
     python scripts/bench/step.py [--steps 60] [--workers 1] [--size demo|small] [--train-only] [overrides...]
 

@@ -84,7 +84,8 @@ def plot_history(history: list[dict], path: Path) -> None:
         acc_ax.set_ylabel("exact match")
         acc_ax.set_ylim(0, 1)
         acc_ax.legend(loc="upper right")
-    ax.legend(loc="upper left")
+    if any(series.values()):
+        ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
