@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from vltrain.cli import compose, run_command
-from vltrain.config import TrainConfig, build_dataclass
+from vltrain.cli import compose_command, run_command
+from vltrain.config import TrainConfig
 from vltrain.data.check import CheckReport, Outcome, check_splits
 from vltrain.data.dataset import load_splits, try_encode
 from vltrain.data.encode import IGNORE_INDEX, Encoder
@@ -157,13 +157,9 @@ class CheckOptions:
     """Folder receiving one PNG grid of tiles per image: of the first `show` records, or of all when show=0."""
 
 
-CHECK_KEYS = tuple(CheckOptions.__dataclass_fields__)
-
-
 def compose_check(overrides: list[str]) -> tuple[TrainConfig, CheckOptions]:
     """The TrainConfig training would use with these overrides, and the check-only options."""
-    cfg, extras = compose(overrides, config_name="check", extra_keys=CHECK_KEYS, run_dir="outputs/check")
-    return cfg, build_dataclass(CheckOptions, extras, "")
+    return compose_command(overrides, "check", CheckOptions, run_dir="outputs/check")
 
 
 def run_check(cfg: TrainConfig, options: CheckOptions) -> CheckReport:
@@ -198,16 +194,13 @@ def run_check(cfg: TrainConfig, options: CheckOptions) -> CheckReport:
 
 
 def check_command(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
     cfg, options = compose_check(argv)
     report = run_check(cfg, options)
     return 0 if report.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command("vltrain.check", check_command, argv)
+    return run_command("vltrain.check", check_command, argv, help_text=__doc__)
 
 
 if __name__ == "__main__":

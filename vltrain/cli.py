@@ -9,6 +9,7 @@ plain dict, for the command to validate into its own options dataclass.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import time
@@ -18,7 +19,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vltrain.config import ConfigError, TrainConfig, schema_keys, suggest, training_argument_names, validate
+from vltrain.config import (
+    ConfigError,
+    TrainConfig,
+    build_dataclass,
+    schema_keys,
+    suggest,
+    training_argument_names,
+    validate,
+)
 
 GROUPS = ("model", "dataset", "sft_type", "parallel", "logger", "recipe")
 
@@ -163,17 +172,29 @@ def compose(overrides: Iterable[str] = (), config_name: str = "train", extra_key
     return to_train_config(cfg, extra_keys)
 
 
+def compose_command(overrides: Iterable[str], config_name: str, options_class, run_dir: str):
+    """(TrainConfig, options) of a command (`check`, `plan`, `infer`, `export`): the config composed from
+    `conf/<config_name>.yaml` and the overrides, and the command's own keys (the fields of the dataclass
+    `options_class`) as an instance of it."""
+    keys = tuple(f.name for f in dataclasses.fields(options_class))
+    cfg, extras = compose(overrides, config_name=config_name, extra_keys=keys, run_dir=run_dir)
+    return cfg, build_dataclass(options_class, extras, "")
+
+
 def compose_config(overrides: Iterable[str] = (), run_dir: str = "outputs/composed") -> TrainConfig:
     """The TrainConfig of `python -m vltrain <overrides>` (tests and the Python API)."""
     return compose(overrides, run_dir=run_dir)[0]
 
 
-def run_command(prog: str, main, argv: list[str] | None = None) -> int:
-    """Run `main(argv)` as command `prog`: a ConfigError (or Hydra's own composition error) is one line on stderr
-    and exit status 2, never a traceback."""
+def run_command(prog: str, main, argv: list[str] | None = None, help_text: str = "") -> int:
+    """Run `main(argv)` as command `prog`: `-h` / `--help` prints `help_text`; a ConfigError (or Hydra's own
+    composition error) is one line on stderr and exit status 2, never a traceback."""
     from hydra.errors import HydraException
 
     argv = sys.argv[1:] if argv is None else argv
+    if help_text and any(a in ("-h", "--help") for a in argv):
+        print(help_text)
+        return 0
     try:
         return main(argv)
     except (ConfigError, HydraException) as e:

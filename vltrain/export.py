@@ -11,14 +11,13 @@ output holds: vltrain.model.export. Exit status 2 for a configuration error or a
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from vltrain.cli import compose, run_command
-from vltrain.config import ConfigError, build_dataclass
+from vltrain.cli import compose_command, run_command
+from vltrain.config import ConfigError
 
 
 @dataclass
@@ -31,21 +30,14 @@ class ExportOptions:
     max_shard_size: str = "5GB"
 
 
-EXPORT_KEYS = tuple(f.name for f in dataclasses.fields(ExportOptions))
-
-
 def _check_dst(dst: Path, overwrite: bool) -> None:
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise ConfigError(f"dst={dst}: exists and is not empty; pass overwrite=true to write into it")
 
 
 def export_command(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
     logging.basicConfig(level=logging.INFO, format="[%(name)s][%(levelname)s] - %(message)s")
-    cfg, extras = compose(argv, config_name="export", extra_keys=EXPORT_KEYS, run_dir="outputs/export")
-    options = build_dataclass(ExportOptions, extras, "")
+    cfg, options = compose_command(argv, "export", ExportOptions, run_dir="outputs/export")
     if options.to not in ("hf", "original"):
         raise ConfigError(f"to: '{options.to}' is not one of hf, original")
     from vltrain.model import export
@@ -90,7 +82,7 @@ def export_command(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command("vltrain.export", export_command, argv)
+    return run_command("vltrain.export", export_command, argv, help_text=__doc__)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from vltrain.cli import compose, run_command
-from vltrain.config import ConfigError, TrainConfig, build_dataclass
+from vltrain.cli import compose_command, run_command
+from vltrain.config import ConfigError, TrainConfig
 
 GiB = 2**30
 OVERHEAD = 1 * GiB
@@ -46,9 +46,6 @@ class PlanOptions:
     """parallel=device_map: GPUs to spread the model over. None: len(model.device_max_memory), else 1 per 80 GB."""
     gpu_gb: float = 80.0
     """Memory of one GPU, for the suggested device map."""
-
-
-PLAN_KEYS = tuple(PlanOptions.__dataclass_fields__)
 
 
 @dataclass
@@ -218,24 +215,20 @@ def plan_text(cfg: TrainConfig, options: PlanOptions) -> str:
 
 
 def compose_plan(overrides: list[str]) -> tuple[TrainConfig, PlanOptions]:
-    cfg, extras = compose(overrides, config_name="plan", extra_keys=PLAN_KEYS, run_dir="outputs/plan")
-    options = build_dataclass(PlanOptions, extras, "")
+    cfg, options = compose_command(overrides, "plan", PlanOptions, run_dir="outputs/plan")
     if options.world_size is not None and options.world_size < 1:
         raise ConfigError(f"world_size must be >= 1, got {options.world_size}")
     return cfg, options
 
 
 def plan_command(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
     cfg, options = compose_plan(argv)
     print(plan_text(cfg, options))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command("vltrain.plan", plan_command, argv)
+    return run_command("vltrain.plan", plan_command, argv, help_text=__doc__)
 
 
 if __name__ == "__main__":

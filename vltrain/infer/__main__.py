@@ -14,14 +14,13 @@ configuration error.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
 from dataclasses import dataclass, field
 
-from vltrain.cli import compose, run_command
-from vltrain.config import ConfigError, build_dataclass
+from vltrain.cli import compose_command, run_command
+from vltrain.config import ConfigError
 
 
 @dataclass
@@ -49,16 +48,9 @@ class InferOptions:
         return out
 
 
-INFER_KEYS = tuple(f.name for f in dataclasses.fields(InferOptions))
-
-
 def infer_command(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
     logging.basicConfig(level=logging.INFO, format="[%(name)s][%(levelname)s] - %(message)s")
-    cfg, extras = compose(argv, config_name="infer", extra_keys=INFER_KEYS, run_dir="outputs/infer")
-    options = build_dataclass(InferOptions, extras, "")
+    cfg, options = compose_command(argv, "infer", InferOptions, run_dir="outputs/infer")
     if options.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {options.batch_size}")
     val_given = any(a.lstrip("+").startswith("dataset.val=") for a in argv)
@@ -93,7 +85,7 @@ def infer_command(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command("vltrain.infer", infer_command, argv)
+    return run_command("vltrain.infer", infer_command, argv, help_text=__doc__)
 
 
 if __name__ == "__main__":
