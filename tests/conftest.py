@@ -1,6 +1,8 @@
-"""Fixtures shared by the test files: the tokenizers (the embedded tiny one, and the real ones in ../shared)."""
+"""Fixtures shared by the test files: the tokenizers (the embedded tiny one, and the real ones in ../shared) and the
+video decoders."""
 
 import functools
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,13 @@ def _encode_cache_in_tmp(tmp_path_factory):
     from vltrain.data import dataset
 
     dataset.DEFAULT_ENCODE_CACHE = Path(os.environ["VLTRAIN_ENCODE_CACHE"])
+
+
+@pytest.fixture(params=["decord", "pyav"])
+def backend(request, monkeypatch):
+    """Each video test runs once per decoder: decord (skipped when absent), then PyAV with decord hidden."""
+    if request.param == "decord":
+        pytest.importorskip("decord", reason="decord is optional (pip install 'vltrain[video]')")
+    else:
+        monkeypatch.setitem(sys.modules, "decord", None)
+    return request.param

@@ -82,8 +82,8 @@ def test_replies_keep_ref_and_box_tokens_and_stop_at_the_separator(tiny):
     assert tiny.decode(ids, stop_words=["</ref>"]) == "<ref>the cat"
 
 
-def test_generation_config_is_honoured(tiny, monkeypatch):
-    conversation = Conversation("Tell me something.")
+def new_token_counts(tiny, monkeypatch) -> list[int]:
+    """The number of new tokens of each `generate` call of the tiny engine's model, appended as they happen."""
     lengths = []
     real_generate = tiny.model.generate
 
@@ -93,6 +93,12 @@ def test_generation_config_is_honoured(tiny, monkeypatch):
         return out
 
     monkeypatch.setattr(tiny.model, "generate", generate)
+    return lengths
+
+
+def test_generation_config_is_honoured(tiny, monkeypatch):
+    conversation = Conversation("Tell me something.")
+    lengths = new_token_counts(tiny, monkeypatch)
     gen = tiny.model.generation_config
     gen.max_new_tokens = 3
     try:
@@ -254,15 +260,7 @@ def test_ctrl_c_during_a_reply_stops_the_generation(tiny, monkeypatch, capsys):
     the generating thread long before max_new_tokens."""
     from vltrain.infer.chat import _stream_reply
 
-    lengths = []
-    real_generate = tiny.model.generate
-
-    def generate(**kwargs):
-        out = real_generate(**kwargs)
-        lengths.append(out.shape[1] - kwargs["input_ids"].shape[1])
-        return out
-
-    monkeypatch.setattr(tiny.model, "generate", generate)
+    lengths = new_token_counts(tiny, monkeypatch)
     writes = []
 
     class Terminal:

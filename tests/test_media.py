@@ -312,15 +312,6 @@ def test_video_pyav_fallback(video, tmp_path, monkeypatch):
     assert [frame_index(f) for f in load_video_frames(str(mkv), 5)] == frame_indices(23, 5)
 
 
-@pytest.fixture(params=["decord", "pyav"])
-def backend(request, monkeypatch):
-    if request.param == "decord":
-        pytest.importorskip("decord", reason="decord is optional (pip install 'vltrain[video]')")
-    else:
-        monkeypatch.setitem(sys.modules, "decord", None)
-    return request.param
-
-
 def test_short_video(backend, tmp_path):
     short = write_video(tmp_path / "short.mp4", 5)
     with pytest.raises(MediaError, match=r"short\.mp4: the video has 5 frames, fewer than the 8 asked"):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import struct
-import sys
 import zlib
 from pathlib import Path
 
@@ -190,15 +189,6 @@ def write_video(path: Path, frames: int, size=(64, 48)) -> Path:
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     return path
-
-
-@pytest.fixture(params=["decord", "pyav"])
-def backend(request, monkeypatch):
-    if request.param == "decord":
-        pytest.importorskip("decord", reason="decord is optional (pip install 'vltrain[video]')")
-    else:
-        monkeypatch.setitem(sys.modules, "decord", None)
-    return request.param
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".mkv"])  # Matroska has no frame count: PyAV counts, up to the limit
