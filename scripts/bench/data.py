@@ -335,20 +335,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _python_row(encoder: Encoder, record: Record) -> dict:
-    """`encode_row` with its pixels as bytes: the Python row datasets' own writers take."""
-    row = encode_row(encoder, record)
+def _python_row(row: dict) -> dict:
+    """An `encode_row` row with its pixels as bytes: the Python row datasets' own writers take."""
     return {**row, "pixels": b"" if row["pixels"] is None else row["pixels"].numpy().tobytes()}
 
 
 def _map_row(row: dict, records: list[Record], encoder: Encoder) -> dict:
-    return _python_row(encoder, records[row["index"]])
+    return _python_row(encode_row(encoder, records[row["index"]]))
 
 
 def _generate_rows(shards: list[list[int]], records: tuple[Record, ...], encoder: Encoder):
     for shard in shards:  # datasets hands each process a slice of the `shards` list
         for i in shard:
-            yield _python_row(encoder, records[i])
+            yield _python_row(encode_row(encoder, records[i]))
 
 
 def _cpu() -> float:
@@ -399,8 +398,7 @@ def cache_writers(records: list[Record], encoder: Encoder, folder: Path, rounds:
     from vltrain.data.dataset import _features, row_table
 
     rows = [encode_row(encoder, record) for record in records]
-    python_rows = [{**row, "pixels": b"" if row["pixels"] is None else row["pixels"].numpy().tobytes()}
-                   for row in rows]
+    python_rows = [_python_row(row) for row in rows]
 
     def write(name: str, as_table: bool) -> None:
         writer = ArrowWriter(features=_features(), path=str(folder / name), writer_batch_size=8)
