@@ -1,5 +1,5 @@
-"""Fixtures shared by the test files: the tokenizers (the embedded tiny one, and the real ones in ../shared) and the
-video decoders."""
+"""Fixtures shared by the test files: the tokenizers (the embedded tiny one, the real ones in ../shared, GPT-OSS's
+built from bpe-openai) and the video decoders."""
 
 import functools
 import sys
@@ -45,6 +45,22 @@ def real_tokenizer(shared_tokenizers):
         return tok
 
     return load
+
+
+@pytest.fixture(scope="session")
+def gpt_oss_tokenizer(tmp_path_factory) -> Path:
+    """A GPT-OSS tokenizer folder (o200k_base + the harmony special tokens + the InternVL tokens, as
+    InternVL3.5-GPT-OSS has them) built once per session by scripts/make_gpt_oss_tokenizer.py from the vocabulary of
+    the `bpe-openai` package; skips the test when that package is absent."""
+    pytest.importorskip("bpe_openai", reason="the GPT-OSS tokenizer is built from bpe-openai's o200k vocabulary "
+                        "(pip install 'vltrain[dev]')")
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "make_gpt_oss_tokenizer.py"
+    spec = importlib.util.spec_from_file_location("make_gpt_oss_tokenizer", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_gpt_oss_tokenizer(tmp_path_factory.mktemp("gpt_oss_tokenizer"))
 
 
 @pytest.fixture(autouse=True, scope="session")

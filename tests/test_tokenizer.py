@@ -255,3 +255,59 @@ def test_remote_code_class_without_files_to_build_from(shared_tokenizers, tmp_pa
 def test_unknown_template(shared_tokenizers):
     with pytest.raises(ValueError, match="did you mean 'phi3-chat'"):
         load_tokenizer(shared_tokenizers / "phi3", "phi3_chat")
+
+
+# GPT-OSS (InternVL3.5-GPT-OSS): ids of openai/gpt-oss-20b's tokenizer_config.json, and of o200k_harmony (tiktoken)
+GPT_OSS_SPECIAL_IDS = {
+    "<|startoftext|>": 199998, "<|endoftext|>": 199999, "<|reserved_200000|>": 200000, "<|return|>": 200002,
+    "<|constrain|>": 200003, "<|channel|>": 200005, "<|start|>": 200006, "<|end|>": 200007, "<|message|>": 200008,
+    "<|call|>": 200012, "<|reserved_200017|>": 200017, "<|endofprompt|>": 200018,
+}
+# o200k_base encodings (the same with tiktoken's o200k_base / o200k_harmony)
+O200K_KNOWN = [
+    ("Hello world", [13225, 2375]),
+    ("hello world", [24912, 2375]),
+    ("Hello, world!", [13225, 11, 2375, 0]),
+]
+O200K_TEXTS = [
+    "The quick brown fox's tail\n", "你好，世界 123456 \n\n  x", "def f(x):\n    return x**2  # ok\r\n",
+    "Tabs\tand  double  spaces, ÜBER-große Wörter; émoji 🙂 and <b>html</b>", "   leading and trailing   ",
+]
+
+
+def test_gpt_oss_tokenizer_special_ids(gpt_oss_tokenizer):
+    tok = load_tokenizer(gpt_oss_tokenizer)
+    assert type(tok).__name__ != "PreTrainedTokenizer"  # fast: tokenizer.json, no remote code
+    for token, token_id in GPT_OSS_SPECIAL_IDS.items():
+        assert tok.convert_tokens_to_ids(token) == token_id, token
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|startoftext|>", "<|return|>", "<|endoftext|>")
+    # InternVL tokens after the tokenizer's last id, as the official `add_tokens` places them: nothing to add
+    assert [tok.convert_tokens_to_ids(t) for t in INTERNVL_TOKENS] == list(range(200019, 200028))
+    assert add_internvl_tokens(tok) == 0
+    assert len(tok) == 200028
+    assert tok.encode("<|start|>user<|message|>Hi<|end|><IMG_CONTEXT>") == [200006, 1428, 200008, 12194, 200007, 200021]
+
+
+def test_gpt_oss_tokenizer_matches_o200k(gpt_oss_tokenizer):
+    tok = load_tokenizer(gpt_oss_tokenizer)
+    for text, ids in O200K_KNOWN:
+        assert tok.encode(text) == ids, text
+    import bpe_openai
+
+    reference = bpe_openai.get_encoding("o200k_base")  # bpe-openai's own encoder (a Rust BPE, not tokenizers)
+    for text in O200K_TEXTS + [t for t, _ in O200K_KNOWN]:
+        assert tok.encode(text) == reference.encode_ordinary(text), text
+        assert tok.decode(tok.encode(text)) == text
+    try:
+        import tiktoken
+    except ImportError:
+        return
+    try:
+        harmony = tiktoken.get_encoding("o200k_harmony")
+    except Exception:  # its vocabulary is downloaded on first use; offline it is absent
+        return
+    for token, token_id in GPT_OSS_SPECIAL_IDS.items():
+        if not token.startswith("<|reserved") and token != "<|endofprompt|>":
+            assert harmony.encode_single_token(token) == token_id, token
+    for text in O200K_TEXTS:
+        assert tok.encode(text) == harmony.encode_ordinary(text), text
