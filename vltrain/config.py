@@ -42,7 +42,8 @@ class ModelConfig:
     """Tile budget for one image (448 px tiles, thumbnail not counted); shared by a sample's images when
     `data.split_tile_budget`."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Compute dtype. auto: bf16 on a GPU that supports it, else fp16 on a GPU, fp32 on CPU."""
+    """Compute dtype. auto: bf16 on a GPU that computes it natively (compute capability 8.0+, or ROCm), fp16 on an
+    older GPU (V100, T4: bf16 there is emulated), fp32 on CPU; training and inference alike."""
     attn_impl: str = "sdpa"
     """Attention implementation passed to transformers (`sdpa`, `eager`, `flash_attention_2`)."""
     arch: dict[str, Any] = field(default_factory=dict)

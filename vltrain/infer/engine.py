@@ -29,6 +29,7 @@ from vltrain.data.encode import Encoder, place_media_tags
 from vltrain.data.grounding import fill_placeholders
 from vltrain.data.records import Record, parse_row, round_field
 from vltrain.model.generation import stop_token_id
+from vltrain.model.load import resolve_dtype
 
 DEFAULT_MAX_NEW_TOKENS = 2048  # ms-swift's infer default when the generation config sets none
 
@@ -267,7 +268,8 @@ def _float_dtype(model) -> torch.dtype:
 
 class _InferenceMode:
     """Eval mode for the call (training mode restored after); on a GPU, a model held in fp32 (full fine-tuning's
-    master weights) generates under autocast in bf16 (fp16 where bf16 is missing): the compute dtype."""
+    master weights) generates under autocast in the compute dtype `model.dtype=auto` picks on that GPU (bf16 where it
+    is native, else fp16)."""
 
     def __init__(self, model):
         self.model = model
@@ -278,8 +280,7 @@ class _InferenceMode:
         self.model.eval()
         device = _input_device(self.model)
         if device.type == "cuda" and _float_dtype(self.model) == torch.float32:
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            self.autocast = torch.autocast("cuda", dtype=dtype)
+            self.autocast = torch.autocast("cuda", dtype=resolve_dtype("auto"))
             self.autocast.__enter__()
         return self
 

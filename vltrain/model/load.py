@@ -56,12 +56,24 @@ INT8_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_he
 INT8_THRESHOLD = 6.0  # LLM.int8() outlier threshold (transformers' BitsAndBytesConfig default)
 
 
+def native_bf16() -> bool:
+    """Whether this process's GPU computes bf16 natively: NVIDIA compute capability 8.0 (Ampere) and later, or a
+    ROCm GPU. torch's plain `is_bf16_supported()` also answers yes on a V100 or T4 (7.x), where bf16 runs emulated
+    through fp32 at a fraction of fp16's speed; those get fp16."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_dtype(name: str) -> torch.dtype:
-    """`auto`: bf16 on a GPU that supports it, fp16 on another GPU, fp32 on CPU (CPU bf16 is slow and lossy)."""
+    """The compute dtype of `model.dtype`, for training and inference alike. `auto`: bf16 on a GPU that computes it
+    natively (`native_bf16`), fp16 on another GPU, fp32 on CPU (CPU bf16 is slow and lossy)."""
     if name == "auto":
         if not torch.cuda.is_available():
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16() else torch.float16
+    if name == "bf16" and torch.cuda.is_available() and not native_bf16():
+        major, minor = torch.cuda.get_device_capability()
+        log.warning("model.dtype=bf16 on a GPU of compute capability %d.%d, which emulates bf16 (slowly); "
+                    "model.dtype=auto picks fp16 there", major, minor)
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
