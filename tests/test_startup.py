@@ -33,6 +33,15 @@ def test_bad_numbers_are_one_config_error(override, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("parallel", ["zero2", "zero3", "zero3_offload"])
+def test_8bit_with_zero_is_refused_before_any_work(parallel):
+    with pytest.raises(ConfigError) as e:
+        compose_config(["model.load_in_8bit=true", f"parallel={parallel}"])
+    assert str(e.value).startswith("model.load_in_8bit: 8-bit weights cannot be partitioned by DeepSpeed ZeRO "
+                                   f"(parallel={parallel})") and "\n" not in str(e.value)
+    compose_config(["model.load_in_8bit=true", "parallel=ddp"])  # 8-bit LoRA on every process: fine
+
+
 def test_max_length_beyond_the_model_positions():
     from vltrain.train.recipe import check_max_length
 

@@ -289,6 +289,11 @@ class TrainConfig:
             raise ConfigError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
         if self.model.load_in_8bit and self.sft_type.name != "lora":
             raise ConfigError("model.load_in_8bit: 8-bit weights cannot be trained directly; use sft_type=lora")
+        if self.model.load_in_8bit and self.parallel.name.startswith("zero"):
+            # DeepSpeed partitions, casts and gathers float parameters; bitsandbytes' Int8Params are none of those
+            raise ConfigError(f"model.load_in_8bit: 8-bit weights cannot be partitioned by DeepSpeed ZeRO (parallel="
+                              f"{self.parallel.name}); use parallel=single, ddp or device_map with 8-bit, or a zero* "
+                              "mode with model.load_in_8bit=false")
         device_map_keys = [k for k in ("device_max_memory", "device_map_config") if getattr(self.model, k)]
         if self.parallel.name.startswith("zero") or self.trainer.get("deepspeed"):
             if device_map_keys:
