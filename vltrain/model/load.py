@@ -31,7 +31,7 @@ from transformers import (
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import is_bitsandbytes_available, is_flash_attn_2_available
 
-from vltrain.config import ConfigError, ModelConfig
+from vltrain.config import ConfigError, ModelConfig, SftConfig
 from vltrain.data.encode import Encoder
 from vltrain.model.generation import configure_generation
 from vltrain.model.geometry import model_geometry, tokens_per_tile, vision_geometry
@@ -154,8 +154,8 @@ def load_model_tokenizer(cfg: ModelConfig, dtype: torch.dtype | None = None, see
 
 
 def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, dtype: torch.dtype | None = None,
-               seed: int = 42, *, meta: bool = False, device_map=None,
-               convert_once: bool = False) -> InternVLForConditionalGeneration:
+               seed: int = 42, *, meta: bool = False, device_map=None, convert_once: bool = False,
+               sft: SftConfig | None = None) -> InternVLForConditionalGeneration:
     """The model of `cfg`, on CPU (8-bit: on the GPU, or the CPU), in `dtype` (default: resolved).
 
     `tokenizer` None is allowed for `init: random` (ids from `model.arch`). `meta=True` (random only) builds the
@@ -164,7 +164,9 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, dtyp
 
     At scale: under DeepSpeed ZeRO-3 (TrainingArguments built first) the model is created partitioned, random
     init included, so no process ever holds all of it. `device_map`: a module -> device mapping, or a callable
-    that plans one from the model built on `meta`. `convert_once`: an original-layout checkpoint is converted
+    that plans one from the model built on `meta` as it will sit in memory (`planning_model`: `dtype`, 8-bit
+    layers, and the LoRA adapters of `sft` that training adds after loading); 8-bit weights follow the map too.
+    `convert_once`: an original-layout checkpoint is converted
     into an HF-native copy on disk by one process per node (the others wait on a file lock) and loaded from
     there, instead of every process converting in host memory (forced under ZeRO-3 and with a device map).
     """
@@ -179,10 +181,13 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, dtyp
             model = build_random_model(cfg, tokenizer, seed, dtype=dtype, partitioned=True)
         else:
             model = build_random_model(cfg, tokenizer, seed).to(dtype)
-            if device_map is not None:
-                model = _dispatch(model, device_map)
+        plan = None if device_map is None else _resolve_device_map(device_map, model.config, dtype, cfg, sft)
         if cfg.load_in_8bit:
-            quantize_llm_8bit(model, int8_device())
+            quantize_llm_8bit(model, int8_device(), plan)
+        if plan is not None:
+            from accelerate import dispatch_model
+
+            model = dispatch_model(model, device_map=plan)
     else:
         if meta:
             raise ConfigError("meta=True builds init=random models only")
@@ -194,7 +199,7 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, dtyp
 
         if is_original_layout(path) and (convert_once or is_deepspeed_zero3_enabled() or device_map is not None):
             path = converted_copy(path, tokenizer, cfg)
-        model = _load_folder(path, tokenizer, dtype, cfg, device_map=device_map)
+        model = _load_folder(path, tokenizer, dtype, cfg, device_map=device_map, sft=sft)
         _check_vocab(model, tokenizer, path)
     if cfg.drop_path_rate > 0:
         from vltrain.model.internvl import set_drop_path
@@ -205,23 +210,51 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, dtyp
     return model
 
 
-def _resolve_device_map(device_map, config: InternVLConfig):
-    if not callable(device_map):
-        return device_map
+def planning_model(config: InternVLConfig, dtype: torch.dtype, load_in_8bit: bool = False,
+                   sft: SftConfig | None = None) -> InternVLForConditionalGeneration:
+    """The model of `config` on `meta` as it will sit in memory, for sizing a device map: float weights in `dtype`
+    (the loaded dtype: 2 bytes each in bf16, not the 4 of a default build), the LLM's linear weights at 1 byte
+    under 8-bit (`INT8_SKIP_MODULES` stay in `dtype`; bitsandbytes' per-row scales, under 1%, are left out), and
+    with `sft` LoRA the adapters training adds after loading (fp32, inside the layers they adapt). Returns the
+    base model (adapters injected in place), so module names are the loaded model's."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        return device_map(_model_class(config)(config))
+        model = _model_class(config)(config)
+    model.to(dtype)
+    if load_in_8bit:
+        for name, module in model.named_modules():
+            if type(module) is torch.nn.Linear and not any(name == p or name.startswith(p + ".")
+                                                           for p in INT8_SKIP_MODULES):
+                module.weight = torch.nn.Parameter(module.weight.to(torch.int8), requires_grad=False)
+    if sft is not None and sft.name == "lora":
+        from vltrain.model.tuning import apply_sft
+
+        with torch.device("meta"):
+            apply_sft(model, sft)  # injects the adapters into `model` itself
+    return model
 
 
-def _dispatch(model, device_map):
-    from accelerate import dispatch_model
+def _resolve_device_map(device_map, config: InternVLConfig, dtype: torch.dtype, cfg: ModelConfig,
+                        sft: SftConfig | None = None):
+    if not callable(device_map):
+        return device_map
+    return device_map(planning_model(config, dtype, cfg.load_in_8bit, sft))
 
-    return dispatch_model(model, device_map=_resolve_device_map(device_map, model.config))
+
+def _int8_device_of(name: str, device_map: dict | None, default: torch.device) -> torch.device:
+    """Where the layer `name` goes under `device_map` (its longest matching entry), else `default`."""
+    if not device_map:
+        return default
+    match = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
+    if match is None:
+        return default
+    device = device_map[match]
+    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
 
 
 def _load_folder(path: Path, tokenizer, dtype: torch.dtype, cfg: ModelConfig,
-                 device_map=None) -> InternVLForConditionalGeneration:
+                 device_map=None, sft: SftConfig | None = None) -> InternVLForConditionalGeneration:
     from vltrain.model.convert import load_original
     from vltrain.model.original import is_original_layout
 
@@ -232,10 +265,11 @@ def _load_folder(path: Path, tokenizer, dtype: torch.dtype, cfg: ModelConfig,
         return model
     config = internvl_folder_config(path)
     kwargs = {}
+    if device_map is not None:
+        kwargs["device_map"] = _resolve_device_map(device_map, config, dtype, cfg, sft)
     if cfg.load_in_8bit:
-        kwargs = {"quantization_config": int8_config(), "device_map": {"": int8_device()}}
-    elif device_map is not None:
-        kwargs = {"device_map": _resolve_device_map(device_map, config)}
+        kwargs["quantization_config"] = int8_config()
+        kwargs.setdefault("device_map", {"": int8_device()})
     from safetensors import SafetensorError
 
     try:
@@ -354,11 +388,13 @@ def _model_class(config: InternVLConfig) -> type[InternVLForConditionalGeneratio
         raise ConfigError(str(e)) from None
 
 
-def quantize_llm_8bit(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def quantize_llm_8bit(model: torch.nn.Module, device: torch.device,
+                      device_map: dict | None = None) -> torch.nn.Module:
     """What `from_pretrained(quantization_config=int8_config())` gives, for models built in memory (random init, the
     original-layout converter): transformers' `replace_with_bnb_linear` swaps the LLM's nn.Linear layers (not
     `INT8_SKIP_MODULES`) for empty 8-bit layers, which take the float weights and quantize on the move to
-    `device`; the rest of the model moves there too. In place."""
+    `device` (with a `device_map`: each to its planned device, the rest left for `dispatch_model`); without a
+    map the rest of the model moves to `device` too. In place."""
     import bitsandbytes as bnb
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
@@ -370,8 +406,9 @@ def quantize_llm_8bit(model: torch.nn.Module, device: torch.device) -> torch.nn.
             layer.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
             if linear.bias is not None:
                 layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
-            layer.to(device)  # quantizes
-    model.to(device)
+            layer.to(_int8_device_of(name, device_map, device))  # quantizes
+    if not device_map:
+        model.to(device)
     model.is_loaded_in_8bit = True  # what peft / Trainer look at on from_pretrained-quantized models
     return model
 

@@ -127,7 +127,7 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
     if cfg.parallel.name == "device_map":
         device_map = functools.partial(parallel.device_map_for, cfg.model)
     model = load_model(cfg.model, tokenizer, dtype=compute_dtype if cfg.sft_type.name == "lora" else torch.float32,
-                       seed=args.seed, device_map=device_map, convert_once=world > 1)
+                       seed=args.seed, device_map=device_map, convert_once=world > 1, sft=cfg.sft_type)
     if getattr(model, "hf_device_map", None):
         log.info("device map: %s", sorted(set(model.hf_device_map.values()), key=str))
     if (encoder.tile_size, encoder.image_tokens_per_tile) != vision_geometry(model):
