@@ -11,15 +11,18 @@ every CJK character) and, for rows whose reference holds `<box>` coordinates, th
 against the reference's (paired in order; a missing box counts 0) and the share with IoU >= 0.5. The reference
 is the response as trained on: grounding placeholders filled.
 
-Output: `<result_dir>/<time>.jsonl`, one row per answered record (`system`, `query`, `history`, `response`,
-`label`, `images`, `videos`, `source`, `line`, and `error` for a record that could not be encoded), and
-`<time>_summary.json` with the scores.
+Output: `<result_dir>/<time>.jsonl`, one row per record (`system`, `query`, `history`, `response`, `label`,
+`images`, `videos`, `source`, `line`, and `error` for a record that could not be encoded), written batch by batch
+as the answers come, before any scoring; then `<time>_summary.json` with the scores. A reply whose box cannot be
+read (`<box>[[12.5.3, 7]]</box>`) scores 0 for that box; it never stops the evaluation.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ from pathlib import Path
 from vltrain.data.records import Record, RecordError
 from vltrain.files import file_sha256, write_atomic
 from vltrain.infer.engine import Conversation, Engine, exact_match, reference_text
+from vltrain.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +41,7 @@ MANIFEST = "data_manifest.json"
 _CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 _TOKEN = re.compile(rf"[{_CJK}]|[^\W{_CJK}_]+")
 _BOX = re.compile(r"<box>\s*\[(.*?)\]\s*</box>", re.S)
-_NUMBERS = re.compile(r"\[\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\]")
+_INNER = re.compile(r"\[([^\[\]]*)\]")  # each [x1, y1, x2, y2] of a box block
 
 
 class CJKTokenizer:
@@ -55,12 +59,23 @@ def rouge_l(answers: list[str], references: list[str]) -> list[float]:
     return [scorer.score(ref, ans)["rougeL"].fmeasure for ans, ref in zip(answers, references)]
 
 
-def parse_boxes(text: str) -> list[tuple[float, float, float, float]]:
-    """Every `[x1, y1, x2, y2]` inside `<box>...</box>` blocks of `text`, in order."""
-    return [tuple(float(v) for v in m) for block in _BOX.findall(text) for m in _NUMBERS.findall(block)]
+def parse_boxes(text: str) -> list[tuple[float, float, float, float] | None]:
+    """Every `[x1, y1, x2, y2]` inside `<box>...</box>` blocks of `text`, in order; None for one that is not four
+    finite numbers (a model's reply can hold `[12.5.3, 7]`): it keeps its place and scores 0."""
+    boxes: list[tuple[float, float, float, float] | None] = []
+    for block in _BOX.findall(text):
+        for inner in _INNER.findall(block):
+            try:
+                values = tuple(float(v) for v in inner.split(","))
+            except ValueError:
+                values = ()
+            boxes.append(values if len(values) == 4 and all(math.isfinite(v) for v in values) else None)
+    return boxes
 
 
 def box_iou(a, b) -> float:
+    if a is None or b is None:
+        return 0.0
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
@@ -77,12 +92,23 @@ def grounding_iou(answer: str, reference: str) -> float | None:
     return sum(box_iou(t, found[i]) if i < len(found) else 0.0 for i, t in enumerate(truth)) / len(truth)
 
 
+def _row_iou(answer: str, reference: str) -> float | None:
+    """`grounding_iou` of one row; a row whose boxes cannot be scored counts 0 (logged) rather than ending the
+    evaluation whose answers are already written."""
+    try:
+        return grounding_iou(answer, reference)
+    except Exception as e:  # noqa: BLE001 - one unscorable reply must not lose the others' scores
+        log.warning("grounding of a reply could not be scored (%s: %s); it counts 0: %r", type(e).__name__, e,
+                    answer[:200])
+        return 0.0
+
+
 def score(answers: list[str], references: list[str]) -> dict[str, float]:
     """exact_match, rouge_l and, when some references hold boxes, grounding_iou / grounding_acc@0.5."""
     metrics = {"rows": len(references), "exact_match": exact_match(answers, references)}
     rouge = rouge_l(answers, references)
     metrics["rouge_l"] = sum(rouge) / len(rouge) if rouge else 0.0
-    ious = [v for v in (grounding_iou(a, r) for a, r in zip(answers, references)) if v is not None]
+    ious = [v for v in (_row_iou(a, r) for a, r in zip(answers, references)) if v is not None]
     if ious:
         metrics |= {"grounding_rows": len(ious), "grounding_iou": sum(ious) / len(ious),
                     "grounding_acc@0.5": sum(v >= 0.5 for v in ious) / len(ious)}
@@ -156,38 +182,64 @@ class EvalResult:
 
 def evaluate(engine: Engine, records: list[Record], result_dir: Path, batch_size: int = 8,
              limit: int | None = None, **generation) -> EvalResult:
-    """Answer `records` (the first `limit`), write the result rows and the summary, return the scores."""
+    """Answer `records` (the first `limit`), writing each batch's rows to the result file as soon as they are
+    answered (flushed to disk), so an evaluation stopped part way (out of memory, Ctrl-C, a scoring bug) keeps
+    every answer it computed; then score the answers and write the summary."""
     records = records[:limit] if limit else records
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     result_dir = Path(result_dir)
-    result_file = result_dir / f"{stamp}.jsonl"
-    good, failed = [], {}
-    for r in records:
-        try:
-            # encoded once here to set apart the rows that cannot be (unreadable image, over-long...)
-            reference = reference_text(r, engine.encoder)
-            engine.encoder(r, for_generation=True, normalise=False)
-            good.append((r, reference))
-        except RecordError as e:
-            failed[id(r)] = str(e)
-    for message in failed.values():
-        log.warning("not answered: %s", message)
-    answers = engine.generate([Conversation.from_record(r) for r, _ in good], batch_size=batch_size,
-                              show_progress=True, **generation)
-    references = [ref for _, ref in good]
+    result_dir.mkdir(parents=True, exist_ok=True)
+    result_file, stamp = _new_result_file(result_dir)
+    answers, references, failed = [], [], 0
+    starts = range(0, len(records), batch_size)
+    with result_file.open("w", encoding="utf-8") as out:
+        for start in progress(starts, len(starts), desc="generating", unit="batch"):
+            chunk = records[start:start + batch_size]
+            prepared = [_prepare(engine, r) for r in chunk]
+            good = [r for r, (_, error) in zip(chunk, prepared) if error is None]
+            replies = iter(engine.generate([Conversation.from_record(r) for r in good], batch_size=batch_size,
+                                           **generation) if good else [])
+            for r, (reference, error) in zip(chunk, prepared):
+                row = {"system": r.system, "query": r.query, "history": [list(p) for p in r.history],
+                       "response": None, "label": r.response, "images": r.images, "videos": r.videos,
+                       "source": r.source, "line": r.line}
+                if error is None:
+                    row["response"], row["label"] = next(replies), reference
+                    answers.append(row["response"])
+                    references.append(reference)
+                else:
+                    row["error"] = error
+                    failed += 1
+                    log.warning("not answered: %s", error)
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
     metrics = score(answers, references)
-    metrics["failed_rows"] = len(failed)
-    answer_of = {id(r): a for (r, _), a in zip(good, answers)}
-    label_of = {id(r): ref for r, ref in good}
-    lines = []
-    for r in records:
-        row = {"system": r.system, "query": r.query, "history": [list(p) for p in r.history],
-               "response": answer_of.get(id(r)), "label": label_of.get(id(r), r.response), "images": r.images,
-               "videos": r.videos, "source": r.source, "line": r.line}
-        if id(r) in failed:
-            row["error"] = failed[id(r)]
-        lines.append(json.dumps(row, ensure_ascii=False))
-    write_atomic(result_file, "\n".join(lines) + ("\n" if lines else ""))
+    metrics["failed_rows"] = failed
     summary_file = result_dir / f"{stamp}_summary.json"
     write_atomic(summary_file, json.dumps({**metrics, "result_file": str(result_file)}, indent=2) + "\n")
     return EvalResult(metrics, result_file, summary_file)
+
+
+def _prepare(engine: Engine, record: Record) -> tuple[str | None, str | None]:
+    """(reference, None), or (None, the problem) for a record that cannot be encoded (an unreadable image, too
+    long...): encoded once here to set those rows apart before generating."""
+    try:
+        reference = reference_text(record, engine.encoder)
+        engine.encoder(record, for_generation=True, normalise=False)
+        return reference, None
+    except RecordError as e:
+        return None, str(e)
+
+
+def _new_result_file(result_dir: Path) -> tuple[Path, str]:
+    """`<time>.jsonl` in `result_dir`, created now; `<time>-2.jsonl`, ... when an evaluation of the same second
+    already wrote one (never overwritten)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        name = stamp if n == 1 else f"{stamp}-{n}"
+        try:
+            (result_dir / f"{name}.jsonl").open("x").close()
+            return result_dir / f"{name}.jsonl", name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{result_dir}: no free result file name for {stamp}")
