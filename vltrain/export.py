@@ -72,7 +72,7 @@ def export_command(argv: list[str]) -> int:
         _check_dst(dst, options.overwrite)
         model, tokenizer = load_model_tokenizer(cfg.model)
         model_cfg = cfg.model
-    base = Path(model_cfg.path) if model_cfg.path and Path(model_cfg.path).is_dir() else None
+    base = export.original_base(model_cfg.path, model_cfg.hub, model_cfg.hub_token)
     notes = export.save_original(model, tokenizer, dst, model_cfg.template, model_cfg.name, model_cfg.max_tiles,
                                  base=base, hf_id=model_cfg.hf_id, max_shard_size=options.max_shard_size)
     print(f"original layout: {dst}")

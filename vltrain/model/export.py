@@ -13,8 +13,8 @@ vLLM and LMDeploy serve for InternVL 1.5 / 2.0: original key names (the inverse 
 InternViT's fused `attn.qkv`, InternLM2's grouped `wqkv`, `mlp1.*`, `language_model.*`), the original config.json
 (`llm_config`, `vision_config`, `template`, `ps_version`, `auto_map`), the tokenizer files of the original base
 folder when there is one (else the tokenizer as transformers saves it), and the published modeling files
-(`*.py`) copied from that folder. vltrain never writes or runs those files; without a base folder holding them,
-`missing_code_message` says where to get them.
+(`*.py`) copied from that folder (`original_base`: `model.path`, or a hub id's snapshot in the hub cache). vltrain
+never writes or runs those files; without a base holding them, `missing_code_message` says where to get them.
 """
 
 from __future__ import annotations
@@ -309,6 +309,30 @@ def llm_architecture(model_type: str, base: Path | None) -> str:
         if llm.get("architectures"):
             return llm["architectures"][0]
     return TYPE_LLM.get(model_type, "")
+
+
+ORIGINAL_SIDE_FILES = ["config.json", "*.py", *TOKENIZER_FILES]
+"""What an original-layout export takes from its base besides the weights: the config (is it original? which LLM
+class?), the published modeling files and the tokenizer files."""
+
+
+def original_base(path: str | None, hub: str = "hf", token: str | None = None) -> Path | None:
+    """The folder an original-layout export copies the modeling files and tokenizer from: `model.path` when it is a
+    folder; for a hub id (`OpenGVLab/InternVL2-8B`) its snapshot in the hub cache, where the weights were fetched,
+    with the `ORIGINAL_SIDE_FILES` fetched now if they are not there yet. None (with a warning) when there is no
+    base or the hub cannot give them: the export then notes where to get them."""
+    from vltrain.model.hub import HubError, resolve_model_path
+
+    if not path:
+        return None
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    try:
+        return resolve_model_path(path, hub, token, files=ORIGINAL_SIDE_FILES)
+    except HubError as e:
+        log.warning("the modeling and tokenizer files of %s could not be fetched: %s", path, e)
+        return None
 
 
 def missing_code_message(hf_id: str | None) -> str:
