@@ -106,26 +106,31 @@ def get_default_template_type(model_type: str) -> str:
 @dataclass
 class Template:
     """A template bound to a tokenizer (what `inference` encodes with). `merge_image_blocks` None: the model's
-    type decides (V1.5 types put all images in one block)."""
+    type decides (V1.5 types put all images in one block). `thinking` None: the model's `model.thinking`."""
 
     template_type: str
     tokenizer: object
     default_system: str | None = None
     max_length: int | None = None
     merge_image_blocks: bool | None = None
+    thinking: bool | None = None
 
 
 def get_template(template_type: str, tokenizer, default_system: str | None = None, max_length: int | None = None,
-                 **kwargs) -> Template:
-    """`template_type`: vltrain's names (`internlm2-chat`, `Hermes-2`, `phi3-chat`) or ms-swift's (`internvl`,
-    `internvl2`, `internvl-phi3`, `internvl2-phi3`)."""
+                 *, thinking: bool | None = None, **kwargs) -> Template:
+    """`template_type`: vltrain's names (`internlm2-chat`, `Hermes-2`, `phi3-chat`, `internvl2_5`,
+    `internvl3_5_gpt_oss`) or ms-swift's (`internvl`, `internvl2`, `internvl-phi3`, `internvl2-phi3`).
+    `thinking=True`: InternVL3.5's thinking prompt as the default system (`internvl2_5` only)."""
     from vltrain.data.templates import get_template as template_format
+    from vltrain.data.templates import system_default
 
     merged = None
     if template_type in SWIFT_TEMPLATES:
         template_type, merged = SWIFT_TEMPLATES[template_type]
     template_format(template_type)  # ValueError naming the closest known template
-    return Template(template_type, tokenizer, default_system, max_length, merged)
+    if thinking:
+        system_default(template_format(template_type), thinking)  # ValueError: no thinking mode
+    return Template(template_type, tokenizer, default_system, max_length, merged, thinking)
 
 
 def _engine(model, template: Template) -> Engine:
@@ -139,9 +144,10 @@ def _engine(model, template: Template) -> Engine:
     if merged is None:
         merged = cfg.model.merge_image_blocks if cfg else False
     system = template.default_system if template.default_system is not None else (cfg.model.system if cfg else None)
+    thinking = template.thinking if template.thinking is not None else (cfg.model.thinking if cfg else False)
     encoder = Encoder(template.tokenizer, template.template_type, system, max_tiles,
                       template.max_length or 1 << 30, tokens, tile_size, merge_image_blocks=merged,
-                      video_frames=cfg.data.video_frames if cfg else 8)
+                      video_frames=cfg.data.video_frames if cfg else 8, thinking=thinking)
     return Engine(model, encoder)
 
 

@@ -34,10 +34,15 @@ class ModelConfig:
     tokenizer: str | None = None
     """Tokenizer folder. None: the one in `path`, or the embedded tiny tokenizer when `path` is None."""
     template: str = "Hermes-2"
-    """Chat template: `internlm2-chat`, `Hermes-2` or `phi3-chat` (the official 1.5 / 2.0 formats)."""
+    """Chat template: `internlm2-chat`, `Hermes-2`, `phi3-chat` (the official 1.5 / 2.0 formats), `internvl2_5`
+    (2.5, 3, 3.5 with Qwen3) or `internvl3_5_gpt_oss` (3.5 with GPT-OSS, the harmony format)."""
     system: str | None = None
-    """Default system message; a record's own `system` wins. None: the template's official default
-    (InternVL2's); "": no system block."""
+    """Default system message; a record's own `system` wins. None: the template's official default; "": no system
+    block."""
+    thinking: bool = False
+    """InternVL3.5 thinking mode (template `internvl2_5`): the default system message becomes the official
+    thinking prompt, which asks for `<think>...</think>` before the answer (trained and generated as ordinary
+    text). A record's own `system` still wins; cannot be combined with `model.system`."""
     max_tiles: int = 12
     """Tile budget for one image (448 px tiles, thumbnail not counted); shared by a sample's images when
     `data.split_tile_budget`."""
@@ -81,6 +86,13 @@ class ModelConfig:
         if self.template not in TEMPLATES:
             raise ConfigError(f"model.template: '{self.template}' is not one of {', '.join(TEMPLATES)}"
                               f"{suggest(self.template, TEMPLATES)}")
+        if self.thinking:
+            if TEMPLATES[self.template].thinking_system is None:
+                raise ConfigError(f"model.thinking=true: template '{self.template}' has no thinking mode (only "
+                                  f"{', '.join(n for n, t in TEMPLATES.items() if t.thinking_system)})")
+            if self.system is not None:
+                raise ConfigError("model.thinking=true sets the system message to the thinking prompt; leave "
+                                  "model.system unset (or write the system you want in model.system instead)")
         if self.max_tiles < 1:
             raise ConfigError(f"model.max_tiles must be >= 1, got {self.max_tiles}")
         if not 0.0 <= self.drop_path_rate < 1.0:

@@ -55,7 +55,7 @@ import torch
 from vltrain.data.grounding import BOX_STYLES, fill_placeholders
 from vltrain.data.media import MediaError, MediaOptions, load_image, load_video_frames
 from vltrain.data.records import IMAGE_TAG, VIDEO_TAG, Record, round_field, tag_count_problem
-from vltrain.data.templates import IGNORE_INDEX, expand_image_context, get_template, render
+from vltrain.data.templates import IGNORE_INDEX, expand_image_context, get_template, render, system_default
 from vltrain.data.tiling import TILE_SIZE, tile_pixels
 from vltrain.data.tiling import normalise as normalise_tiles
 from vltrain.model.tokenizer import IMAGE_CONTEXT_TOKEN
@@ -91,7 +91,7 @@ class Encoder:
     def __init__(self, tokenizer, template: str, system: str | None, max_tiles: int, max_length: int,
                  image_tokens_per_tile: int = 256, tile_size: int = TILE_SIZE, *, merge_image_blocks: bool = False,
                  split_tile_budget: bool = True, video_frames: int = 8, box_style: str = "internvl",
-                 media: MediaOptions | None = None):
+                 media: MediaOptions | None = None, thinking: bool = False):
         if box_style not in BOX_STYLES:
             raise ValueError(f"box_style must be one of {', '.join(BOX_STYLES)}, got {box_style!r}")
         if max_tiles < 1 or video_frames < 1:
@@ -99,6 +99,7 @@ class Encoder:
         self.tokenizer = tokenizer
         self.template = get_template(template)
         self.system = system
+        self.default_system = system_default(self.template, thinking)  # ValueError: no thinking mode
         self.max_tiles = max_tiles
         self.max_length = max_length
         self.image_tokens_per_tile = image_tokens_per_tile
@@ -112,11 +113,13 @@ class Encoder:
 
     @classmethod
     def from_config(cls, cfg, tokenizer, tile_size: int, image_tokens_per_tile: int) -> Encoder:
-        """The encoder a `TrainConfig` describes (template, system, tile budget, video, grounding, media)."""
+        """The encoder a `TrainConfig` describes (template, system, thinking, tile budget, video, grounding,
+        media)."""
         model, data = cfg.model, cfg.data
         return cls(tokenizer, model.template, model.system, model.max_tiles, data.max_length, image_tokens_per_tile,
                    tile_size, merge_image_blocks=model.merge_image_blocks, split_tile_budget=data.split_tile_budget,
-                   video_frames=data.video_frames, box_style=data.box_style, media=MediaOptions.from_config(data))
+                   video_frames=data.video_frames, box_style=data.box_style, media=MediaOptions.from_config(data),
+                   thinking=model.thinking)
 
     def __call__(self, record: Record, for_generation: bool = False, *, normalise: bool = True) -> Sample:
         """Encode a record. `for_generation`: drop the final response and end with the assistant header.
@@ -141,7 +144,7 @@ class Encoder:
         if for_generation:
             turns[-1] = (turns[-1][0], None)
 
-        system = next(s for s in (record.system, self.system, self.template.default_system) if s is not None)
+        system = next(s for s in (record.system, self.system, self.default_system) if s is not None)
         try:
             rendered = render(self.template, self.tokenizer, turns, system or None)
             ids, labels = expand_image_context(rendered.input_ids, rendered.labels, self.context_id, context_counts)

@@ -3,10 +3,11 @@
 A `Conversation` is what a user holds (query, history, system, images, videos, grounding objects); the engine
 turns it into a record with the training encoder, so a generation prompt is exactly the training rendering ended
 by the assistant header. Replies are decoded with the special tokens kept (`<ref>`, `<box>` are special tokens
-of every InternVL tokenizer) and cut at the template's stop token. Decoding follows `model.generation_config`
-(greedy by default; sampling, `max_new_tokens`, `stop_words`); on a GPU a model held in fp32 generates under
-autocast in the compute dtype. The trainer's held-out scoring (`answer_records`), the Python API, the chat loop
-and evaluation all call this module.
+of every InternVL tokenizer), cut at the template's stop token, without the template's response prefix (harmony's
+`<|channel|>final<|message|>`, which the generation prompt leaves to the model, as the official `chat()` does).
+Decoding follows `model.generation_config` (greedy by default; sampling, `max_new_tokens`, `stop_words`); on a GPU
+a model held in fp32 generates under autocast in the compute dtype. The trainer's held-out scoring
+(`answer_records`), the Python API, the chat loop and evaluation all call this module.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from vltrain.data.collator import collate
 from vltrain.data.encode import Encoder, place_media_tags
 from vltrain.data.grounding import fill_placeholders
 from vltrain.data.records import Record, parse_row, round_field
+from vltrain.data.templates import reply_text
 from vltrain.model.generation import stop_token_id
 from vltrain.model.load import resolve_dtype
 
@@ -161,7 +163,7 @@ class Engine:
         for word in stop_words or []:
             if word and word in text:
                 text = text[:text.index(word)]
-        return text.strip()
+        return reply_text(self.encoder.template, text).rstrip()
 
     @torch.no_grad()
     def generate(self, conversations: list[Conversation], batch_size: int = 8, generation_config=None,
@@ -218,7 +220,7 @@ class Engine:
                 text = self.tokenizer.decode(ids, skip_special_tokens=False)
                 if text.endswith("\ufffd"):  # a character split across tokens: wait for its other bytes
                     continue
-                text = self.decode(ids, words) if words else text.lstrip()
+                text = self.decode(ids, words) if words else reply_text(self.encoder.template, text.lstrip())
                 if text != shown:
                     shown = text
                     yield text

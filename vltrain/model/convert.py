@@ -522,7 +522,7 @@ def save_converted(model, tokenizer, dst: Path, template: str, max_shard_size: s
     model.save_pretrained(dst, max_shard_size=max_shard_size)
 
     tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.chat_template = chat_template_jinja(template)
+    tokenizer.chat_template = chat_template_jinja(template, tokenizer)
     tokenizer.save_pretrained(dst)
     config_file = dst / "tokenizer_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))

@@ -11,9 +11,9 @@ log = logging.getLogger(__name__)
 
 
 def stop_token_id(tokenizer, template_name: str, warn: bool = False) -> int:
-    """The id generation stops at: the template's separator (`<|im_end|>` / `<|end|>`), or the tokenizer's EOS
-    token where the separator is not one token of this tokenizer (logged when `warn`)."""
-    stop = get_template(template_name).stop_token
+    """The id generation stops at: the template's final stop token (`<|im_end|>`, `<|end|>`, harmony's
+    `<|return|>`), or the tokenizer's EOS token where it is not one token of this tokenizer (logged when `warn`)."""
+    stop = get_template(template_name).reply_stop_token
     stop_id = single_token_id(tokenizer, stop)
     if stop_id is not None:
         return stop_id
