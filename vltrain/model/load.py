@@ -504,6 +504,45 @@ def _check_vocab(model, tokenizer, path) -> None:
                           f"{IMAGE_CONTEXT_TOKEN} id {image_id}")
 
 
+def load_saved_weights(model: torch.nn.Module, folder: str | Path) -> None:
+    """Copy the weights of a full checkpoint (`save_pretrained` of this model) into `model`, in place and one tensor
+    at a time, so that resuming never holds a second copy of the model (a full fine-tune's fp32 weights: 32 GB of
+    InternVL2-8B in every process). The file's names are the model's own as `save_pretrained` renamed them
+    (transformers' reversed weight conversion, which saving used: `language_model.model.*` for
+    `model.language_model.*`); every name and shape must match in both directions. One ConfigError otherwise."""
+    from safetensors import safe_open
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from vltrain.model.convert import shard_files
+
+    folder = Path(folder)
+    state = model.state_dict()  # detached views of the parameters' and buffers' own storage
+    own = {id(t) for t in state.values()}
+    target = revert_weight_conversion(model, dict(state))
+    if any(id(t) not in own for t in target.values()):  # a conversion that builds new tensors, not a renaming
+        raise ConfigError(f"{folder}: this model's saved layout is not a renaming of its weights; it cannot be "
+                          "loaded in place")
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    with torch.no_grad():
+        for file in shard_files(folder):
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name not in target:
+                        unexpected.append(name)
+                        continue
+                    tensor = f.get_tensor(name)
+                    if tensor.shape != target[name].shape:
+                        raise ConfigError(f"{file}: {name} has shape {tuple(tensor.shape)}, the model's is "
+                                          f"{tuple(target[name].shape)}")
+                    target[name].copy_(tensor)
+                    seen.add(name)
+    missing = sorted(set(target) - seen)
+    if missing or unexpected:
+        raise ConfigError(f"{folder}: the checkpoint does not hold this model's weights (missing: "
+                          f"{', '.join(missing[:5]) or 'none'}; unexpected: {', '.join(unexpected[:5]) or 'none'})")
+
+
 BASE_RECORD = "base_model.json"
 """In a checkpoint of a run on a random base: how to rebuild that base (architecture, seed) and its digest, so the
 checkpoint still loads when copied away from its run folder."""

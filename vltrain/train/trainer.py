@@ -18,6 +18,7 @@ from vltrain.data.encode import Encoder
 from vltrain.data.records import Record
 from vltrain.data.tiling import normalise_tensor
 from vltrain.infer.engine import answer_records, exact_match, reference_answers
+from vltrain.model.load import load_saved_weights
 from vltrain.model.tuning import trainable_parts
 from vltrain.train.checkpoint import CheckpointError, checkpoint_error, publish, rotate, staging_dir
 from vltrain.train.order import EpochSampler, SeededSamples
@@ -205,8 +206,9 @@ class VLTrainer(Trainer):
         raise checkpoint_error(error, run_dir / staged.name) from failure
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        """Full weights through `from_pretrained`: InternVL saves its keys in the published layout
-        (`language_model.model.*`), which the Trainer's plain `load_state_dict(strict=False)` silently misses."""
+        """Full weights read into the model in place (`load_saved_weights`): InternVL saves its keys in the published
+        layout (`language_model.model.*`), which the Trainer's plain `load_state_dict(strict=False)` silently misses,
+        and `from_pretrained` would build a second full model in every process."""
         from peft import PeftModel
 
         model = model if model is not None else self.model
@@ -215,9 +217,7 @@ class VLTrainer(Trainer):
         full = any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
         if isinstance(unwrapped, PeftModel) or not full or self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        saved = type(unwrapped).from_pretrained(folder, config=unwrapped.config,
-                                                dtype=next(unwrapped.parameters()).dtype)
-        unwrapped.load_state_dict(saved.state_dict(), strict=True)
+        load_saved_weights(unwrapped, folder)  # in place, tensor by tensor: no second model in memory
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         if not self.resume_only_model:
