@@ -26,7 +26,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from vltrain.data.collator import collate
-from vltrain.data.encode import Encoder, place_media_tags
+from vltrain.data.encode import Encoder, Sample, place_media_tags
 from vltrain.data.grounding import fill_placeholders
 from vltrain.data.records import Record, parse_row, round_field
 from vltrain.data.templates import reply_text
@@ -144,8 +144,16 @@ class Engine:
             kwargs["tokenizer"] = self.tokenizer
         return kwargs
 
+    def encode(self, conversation: Conversation) -> Sample:
+        """The generation prompt of a conversation (the training rendering ended by the assistant header); a bad
+        input is a RecordError naming the field."""
+        return self.encoder(conversation.to_record(self.base_dir), for_generation=True)
+
     def _batch(self, conversations: list[Conversation]) -> dict[str, torch.Tensor]:
-        samples = [self.encoder(c.to_record(self.base_dir), for_generation=True) for c in conversations]
+        return self.collate([self.encode(c) for c in conversations])
+
+    def collate(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        """Encoded prompts -> one left-padded batch on the model's input device."""
         batch = collate(samples, self.tokenizer.pad_token_id, padding_side="left")
         batch.pop("labels")
         batch.pop("tiles_per_sample")
@@ -179,13 +187,21 @@ class Engine:
 
             starts = progress(starts, desc="generating", unit="batch")
         replies = []
-        with _InferenceMode(self.model):
-            for start in starts:
-                batch = self._batch(conversations[start:start + batch_size])
-                out = self.model.generate(**batch, **kwargs, synced_gpus=synced_gpus)
-                new = out[:, batch["input_ids"].shape[1]:].tolist()
-                replies += [self.decode(ids, words) for ids in new]
+        for start in starts:
+            samples = [self.encode(c) for c in conversations[start:start + batch_size]]
+            new = self.generate_ids(samples, kwargs, synced_gpus=synced_gpus)
+            replies += [self.decode(ids, words) for ids in new]
         return replies
+
+    @torch.no_grad()
+    def generate_ids(self, samples: list[Sample], generation_kwargs: dict, **extra) -> list[list[int]]:
+        """The new token ids of each encoded prompt, generated in one left-padded batch. `generation_kwargs`:
+        what `generation_kwargs` returns; `extra`: more `model.generate` arguments (`stopping_criteria`, ...).
+        Rows that end early are padded after their end (`decode` cuts at the stop token)."""
+        with _InferenceMode(self.model):
+            batch = self.collate(samples)
+            out = self.model.generate(**batch, **generation_kwargs, **extra)
+        return out[:, batch["input_ids"].shape[1]:].tolist()
 
     def stream(self, conversation: Conversation, generation_config=None, stop_words: list[str] | None = None,
                **overrides) -> Iterator[str]:
