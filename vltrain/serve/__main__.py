@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import logging
 import sys
+from importlib.util import find_spec
 
 from vltrain.cli import compose_command, run_command
+from vltrain.config import ConfigError
 
 
 def serve_command(argv: list[str]) -> int:
     from vltrain.serve.options import ServeOptions
 
+    missing = [name for name in ("fastapi", "uvicorn", "openai", "prometheus_client") if find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"serving needs {', '.join(missing)}: pip install 'vltrain[serve]'")
     cfg, options = compose_command(argv, "serve", ServeOptions, run_dir="outputs/serve")
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s [%(name)s][%(levelname)s] - %(message)s")
     from vltrain.serve.server import serve

@@ -297,7 +297,7 @@ class _Record:
         m.image_tokens.labels(model).inc(self.image_tokens)
         m.generation_tokens.labels(model).inc(completion_tokens)
         latency = time.monotonic() - self.arrived
-        m.latency.labels(str(bool(self.chat.stream)).lower()).observe(latency)
+        m.latency.observe(latency)
         if finish_reason == "cancelled":
             m.cancelled.inc()
         log.info("%s %s status=%d model=%s stream=%s media=%d prompt_tokens=%d (image %d) completion_tokens=%d "

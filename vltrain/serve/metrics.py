@@ -25,7 +25,7 @@ class Metrics:
         self.running = Gauge("vltrain_running_requests", "Chat requests in the generate call now running",
                              registry=r)
         self.latency = Histogram("vltrain_request_latency_seconds", "Time from a chat request's arrival to its "
-                                 "last byte", ["stream"], buckets=_LATENCY, registry=r)
+                                 "last byte", buckets=_LATENCY, registry=r)
         self.ttft = Histogram("vltrain_time_to_first_token_seconds", "Time from a chat request entering the queue "
                               "to its first generated token", buckets=_LATENCY, registry=r)
         self.batch_size = Histogram("vltrain_batch_size", "Requests per generate call",

@@ -118,8 +118,15 @@ def parse_request(data) -> ChatRequest:
     try:
         request = ChatRequest.model_validate(data)
     except ValidationError as e:
-        error = e.errors()[0]
-        param = ".".join(str(p) for p in error["loc"] if not str(p).startswith(("function-", "tagged-union")))
+        error = max(e.errors(), key=lambda err: len(err["loc"]))  # of a union's branches, the one that got furthest
+        param = ""
+        for part in error["loc"]:
+            if isinstance(part, int):
+                param += f"[{part}]"
+            elif part == "str" or "[" in part:
+                continue  # pydantic's name of a union branch, not a field
+            else:
+                param += f".{part}" if param else part
         raise bad_request(f"{param}: {error['msg']}", param=param) from None
     for key, value in (request.model_extra or {}).items():
         if key not in _HARMLESS or (_HARMLESS[key] is not None and value not in (None, _HARMLESS[key])):
@@ -164,7 +171,7 @@ def split_turns(messages: list[Message]) -> tuple[str | None, list[tuple[int, in
         if role in ("system", "developer"):
             raise bad_request(f"messages[{i}]: a system message may only come first", param=f"messages[{i}].role")
         if role != expected:
-            raise bad_request(f"messages[{i}]: expected a {expected} message (user and assistant messages "
+            raise bad_request(f"messages[{i}]: expected {'an' if expected == 'assistant' else 'a'} {expected} message (user and assistant messages "
                               "alternate, starting with user)", param=f"messages[{i}].role")
         if role == "user":
             rounds.append((i, None))

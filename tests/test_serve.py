@@ -1,0 +1,460 @@
+"""The OpenAI-compatible server, started for real (uvicorn on a free local port) on a tiny LoRA checkpoint pair and
+driven with the official `openai` client: replies equal `vltrain.infer`'s and the Python API's under greedy
+decoding, streamed deltas add up to the reply, usage counts image tokens, adapters are chosen by name, concurrent
+streams share generate calls, a client that leaves frees its slot, every bad request gets its OpenAI-shaped error
+(never a 500, never a traceback in the log), and SIGTERM lets the running request finish."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+openai = pytest.importorskip("openai", reason="the server's tests need the serve extras (pip install 'vltrain[serve]')")
+httpx2 = pytest.importorskip("httpx2")
+
+from tests.test_infer import make_lora_checkpoint  # noqa: E402
+from tests.test_media import Server, send, write_video  # noqa: E402
+from vltrain.cli import compose_command, compose_config  # noqa: E402
+from vltrain.data.demo import write_demo_dataset  # noqa: E402
+from vltrain.infer.engine import Conversation, Engine  # noqa: E402
+from vltrain.serve.options import ServeOptions  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-test-key"
+MAX_TOKENS = 6
+
+
+def png(size=(224, 224), colour=(200, 30, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+def data_uri(body: bytes, kind: str = "image/png") -> str:
+    return f"data:{kind};base64," + base64.b64encode(body).decode("ascii")
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def user(*parts) -> dict:
+    return {"role": "user", "content": [p if isinstance(p, dict) else {"type": "text", "text": p} for p in parts]}
+
+
+class LogRecords(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def text(self) -> str:
+        return "\n".join(r.getMessage() for r in self.records)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Two LoRA checkpoints of one random base (b: a's adapters with lora_B negated) and the demo images."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("serve")
+    demo = write_demo_dataset(root / "demo", n_train=16, n_val=6)
+    a = make_lora_checkpoint(root / "run", demo)
+    b = root / "run" / "checkpoint-2"
+    shutil.copytree(a, b)
+    weights = load_file(b / "adapter_model.safetensors")
+    save_file({k: -v if "lora_B" in k else v for k, v in weights.items()}, b / "adapter_model.safetensors")
+    images = sorted((demo.train.parent / "images").iterdir())[:3]
+    return SimpleNamespace(a=a, b=b, base=root / "run" / "base_model", images=images, root=root)
+
+
+@pytest.fixture(scope="module")
+def media_server():
+    s = Server()
+    s.routes["/red.png"] = lambda h, n: send(h, png())
+    s.routes["/text.png"] = lambda h, n: send(h, b"this is not an image at all", content_type="text/plain")
+    s.routes["/big.png"] = lambda h, n: send(h, b"\x89PNG" + b"0" * 600_000)
+    s.routes["/moved.png"] = lambda h, n: (h.send_response(302), h.send_header("Location", "/red.png"),
+                                           h.send_header("Content-Length", "0"), h.end_headers())
+
+    def slow(h, n):
+        time.sleep(3)
+        send(h, png())
+
+    s.routes["/slow.png"] = slow
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def server(ckpts):
+    """The real server (uvicorn in a thread) with adapters a and b of one base, a key and small limits."""
+    from vltrain.serve.server import build_server
+
+    logs = LogRecords()
+    logging.getLogger().addHandler(logs)
+    for name in ("vltrain.serve", "uvicorn"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    cfg, options = compose_command(
+        [f"adapters={{a: {ckpts.a}, b: {ckpts.b}}}", "port=0", f"api_key={KEY}", f"max_tokens={MAX_TOKENS}",
+         "max_tiles=8", "max_body_bytes=2000000", "media_max_bytes=500000", "media_timeout=1.0",
+         "media_allowed_hosts=[127.0.0.1]", "batch_wait_ms=50"], "serve", ServeOptions, run_dir="outputs/serve")
+    uv = build_server(cfg, options)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    port = uv.servers[0].sockets[0].getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    yield SimpleNamespace(base=base, client=openai.OpenAI(api_key=KEY, base_url=base + "/v1", max_retries=0),
+                          logs=logs, app=uv.config.app)
+    uv.should_exit = True
+    thread.join(timeout=60)
+    logging.getLogger().removeHandler(logs)
+
+
+@pytest.fixture(scope="module")
+def reference(ckpts):
+    """What `vltrain.infer` (Engine on the loaded checkpoint) and the Python API answer, greedy, MAX_TOKENS."""
+    from vltrain.infer.session import open_session
+    from vltrain.model.load import load_model_tokenizer, make_encoder
+
+    sessions = {name: open_session(ckpt_dir=path) for name, path in (("a", ckpts.a), ("b", ckpts.b))}
+    for session in sessions.values():
+        session.model.generation_config.max_new_tokens = MAX_TOKENS
+        session.model.vltrain_config = session.cfg  # the Python API reads the tile budget from it
+    cfg = compose_config(["dataset=custom", "dataset.train=[unused.jsonl]", f"model.path={ckpts.base}",
+                          "model.init=pretrained"])
+    model, tokenizer = load_model_tokenizer(cfg.model)
+    engines = {name: s.engine for name, s in sessions.items()} | {"tiny": Engine(model, make_encoder(cfg, model,
+                                                                                                     tokenizer))}
+
+    def answer(name: str, conversations: list[Conversation]) -> list[str]:
+        return engines[name].generate(conversations, max_new_tokens=MAX_TOKENS, do_sample=False)
+
+    return SimpleNamespace(answer=answer, sessions=sessions, engines=engines)
+
+
+def metric(base: str, name: str) -> float:
+    text = httpx2.get(base + "/metrics").text
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(name) and not line.startswith("#") and (line[len(name)] in " {")]
+    return sum(values)
+
+
+# ---------------------------------------------------------------- what works
+
+
+def test_models_health_and_metrics(server):
+    models = server.client.models.list()
+    assert [m.id for m in models.data] == ["tiny", "a", "b"] and {m.owned_by for m in models.data} == {"vltrain"}
+    assert httpx2.get(server.base + "/health").json() == {"status": "ok"}
+    response = httpx2.get(server.base + "/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    for name in ("vltrain_requests_total", "vltrain_queue_depth", "vltrain_generation_tokens_total",
+                 "vltrain_request_latency_seconds_bucket", "vltrain_running_requests"):
+        assert name in response.text
+
+
+def test_image_as_data_uri_equals_infer_and_the_python_api(server, reference, ckpts):
+    from vltrain import get_template, inference
+
+    question = "What colour is the shape?"
+    reply = server.client.chat.completions.create(
+        model="a", messages=[user(image_part(data_uri(ckpts.images[0].read_bytes())), question)])
+    conversation = Conversation(f"<image>\n{question}", images=[str(ckpts.images[0])])
+    expected = reference.answer("a", [conversation])[0]
+    session = reference.sessions["a"]
+    api, _ = inference(session.model, get_template("Hermes-2", session.tokenizer), f"<image>\n{question}",
+                       images=[str(ckpts.images[0])])
+    choice = reply.choices[0]
+    assert choice.message.content == expected == api and choice.message.role == "assistant"
+    assert choice.finish_reason == "length" and reply.usage.completion_tokens == MAX_TOKENS
+    prompt = session.engine.encode(conversation).input_ids
+    assert reply.usage.prompt_tokens == len(prompt) and reply.usage.prompt_tokens_details.image_tokens == 64
+    assert reply.usage.total_tokens == len(prompt) + MAX_TOKENS and reply.model == "a"
+    assert reply.id.startswith("chatcmpl-") and reply.object == "chat.completion"
+
+
+def test_stream_with_an_http_image_adds_up_to_the_reply(server, media_server, reference):
+    messages = [user("Describe it.", image_part(media_server.url("/moved.png")))]  # a redirect to /red.png
+    chunks = list(server.client.chat.completions.create(model="b", messages=messages, stream=True,
+                                                        stream_options={"include_usage": True}))
+    plain = server.client.chat.completions.create(model="b", messages=messages)
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(deltas) == plain.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == plain.usage.model_dump()
+    assert len({c.id for c in chunks}) == 1
+    red = media_server.url("/red.png")
+    assert plain.choices[0].message.content == reference.answer(
+        "b", [Conversation("Describe it.\n<image>", images=[red])])[0]
+
+
+def test_multi_turn_with_system_and_the_base_model(server, reference, ckpts):
+    messages = [{"role": "system", "content": "You answer briefly."},
+                user(image_part(data_uri(ckpts.images[1].read_bytes())), "How many shapes?"),
+                {"role": "assistant", "content": "2"},
+                user("And their colour?", image_part(data_uri(ckpts.images[2].read_bytes())))]
+    conversation = Conversation("And their colour?\n<image>", history=[("<image>\nHow many shapes?", "2")],
+                                system="You answer briefly.", images=[str(p) for p in ckpts.images[1:3]])
+    for name in ("a", "b", "tiny"):
+        reply = server.client.chat.completions.create(model=name, messages=messages)
+        assert reply.choices[0].message.content == reference.answer(name, [conversation])[0], name
+        assert reply.usage.prompt_tokens_details.image_tokens == 128
+    replies = {n: server.client.chat.completions.create(model=n, messages=messages).choices[0].message.content
+               for n in ("a", "b", "tiny")}
+    assert len(set(replies.values())) == 3  # each name is its own adapter (or none)
+
+
+def test_stop_words_seed_and_temperature(server):
+    messages = [user("Count to ten.")]
+    full = server.client.chat.completions.create(model="a", messages=messages, max_tokens=MAX_TOKENS)
+    text = full.choices[0].message.content
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = server.client.chat.completions.create(model="a", messages=messages, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == text[:text.index(stop)].strip()
+    streamed = server.client.chat.completions.create(model="a", messages=messages, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == cut.choices[0].message.content
+    short = server.client.chat.completions.create(model="a", messages=messages, max_tokens=2)
+    assert short.usage.completion_tokens == 2 and short.choices[0].finish_reason == "length"
+    zero = server.client.chat.completions.create(model="a", messages=messages, temperature=0)
+    assert zero.choices[0].message.content == text
+    sampled = [server.client.chat.completions.create(model="a", messages=messages, temperature=1.5, top_p=0.9,
+                                                     seed=7).choices[0].message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None and not __import__("importlib").util.find_spec("av"),
+                    reason="a test video is written with PyAV")
+def test_video_as_data_uri(server, tmp_path):
+    clip = write_video(tmp_path / "clip.mp4", 40)
+    reply = server.client.chat.completions.create(model="a", messages=[user(
+        {"type": "video_url", "video_url": {"url": data_uri(clip.read_bytes(), "video/mp4")}}, "What happens?")])
+    assert reply.usage.prompt_tokens_details.image_tokens == 8 * 64  # 8 frames, one tile each
+
+
+def test_eight_concurrent_streams_share_generate_calls(server, reference, ckpts):
+    questions = [f"Question number {i}: what is in the picture?" for i in range(8)]
+    calls_before = metric(server.base, "vltrain_batch_size_count")
+    results: dict[int, str] = {}
+
+    def ask(i):
+        stream = server.client.chat.completions.create(
+            model="a", stream=True, messages=[user(image_part(data_uri(ckpts.images[0].read_bytes())), questions[i])])
+        results[i] = "".join(c.choices[0].delta.content or "" for c in stream)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    expected = reference.answer("a", [Conversation(f"<image>\n{q}", images=[str(ckpts.images[0])]) for q in questions])
+    assert [results.get(i) for i in range(8)] == expected
+    calls = metric(server.base, "vltrain_batch_size_count") - calls_before
+    assert calls < 8, f"8 concurrent requests took {calls} generate calls"
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot(server):
+    cancelled = metric(server.base, "vltrain_cancelled_requests_total")
+    body = {"model": "a", "messages": [user("Tell me a very long story.")], "max_tokens": 3000, "stream": True}
+    with httpx2.Client(timeout=60) as client:
+        with client.stream("POST", server.base + "/v1/chat/completions", json=body,
+                           headers={"Authorization": f"Bearer {KEY}"}) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if '"content":"' in line.replace(" ", "") and '"content":""' not in line.replace(" ", ""):
+                    break  # a first token arrived: leave
+    deadline = time.monotonic() + 60
+    while metric(server.base, "vltrain_cancelled_requests_total") == cancelled or metric(
+            server.base, "vltrain_running_requests") != 0:
+        assert time.monotonic() < deadline, "the request kept running after its client left"
+        time.sleep(0.2)
+    line = [r.getMessage() for r in server.logs.records if "client went away" in r.getMessage()][-1]
+    assert int(re.search(r"completion_tokens=(\d+)", line)[1]) < 3000
+    assert server.client.chat.completions.create(model="a", messages=[user("Still there?")]).choices
+
+
+# ---------------------------------------------------------------- errors
+
+
+def post(server, body, key: str | None = KEY, raw: bytes | None = None):
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    return httpx2.post(server.base + "/v1/chat/completions", headers=headers, timeout=60,
+                       content=raw if raw is not None else json.dumps(body).encode())
+
+
+def chat(*messages, **fields):
+    return {"model": "a", "messages": list(messages), **fields}
+
+
+def wide_png():
+    return png((1400, 200))
+
+
+ERRORS = [
+    # (id, body or raw bytes, key, status, code, param)
+    ("no key", chat(user("hi")), None, 401, "invalid_api_key", None),
+    ("wrong key", chat(user("hi")), "sk-wrong", 401, "invalid_api_key", None),
+    ("unknown model", {"model": "gpt-4o", "messages": [user("hi")]}, KEY, 404, "model_not_found", "model"),
+    ("malformed JSON", b'{"model": "a", "messages": [', KEY, 400, "invalid_json", None),
+    ("not an object", b"[1, 2]", KEY, 400, None, None),
+    ("no messages", {"model": "a"}, KEY, 400, None, "messages"),
+    ("empty messages", chat(), KEY, 400, None, "messages"),
+    ("bad temperature", chat(user("hi"), temperature="hot"), KEY, 400, None, "temperature"),
+    ("temperature too high", chat(user("hi"), temperature=3), KEY, 400, None, "temperature"),
+    ("max_tokens 0", chat(user("hi"), max_tokens=0), KEY, 400, None, "max_tokens"),
+    ("n=2", chat(user("hi"), n=2), KEY, 400, "unsupported_parameter", "n"),
+    ("tools", chat(user("hi"), tools=[{"type": "function", "function": {"name": "f"}}]), KEY, 400,
+     "unsupported_parameter", "tools"),
+    ("unknown role", chat({"role": "tool", "content": "x"}), KEY, 400, None, "messages[0].role"),
+    ("second message not an object", chat(user("hi"), "x"), KEY, 400, None, "messages[1]"),
+    ("audio part", chat({"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}),
+     KEY, 400, None, "messages[0].content[0]"),
+    ("ends with assistant", chat(user("hi"), {"role": "assistant", "content": "yo"}), KEY, 400, None, "messages"),
+    ("two users in a row", chat(user("hi"), user("hi")), KEY, 400, None, "messages[1].role"),
+    ("image tag in text", chat(user("<image>\nWhat is it?")), KEY, 400, None, "messages[0].content[0].text"),
+    ("inline server path", chat(user("<img>/etc/hostname</img> what?")), KEY, 400, None, "messages[0].content[0].text"),
+    ("not an image", chat(user(image_part(data_uri(b"hello, I am text, not a picture")))), KEY, 400, "invalid_image",
+     "messages[0].content[0].image_url.url"),
+    ("bad base64", chat(user(image_part("data:image/png;base64,!!!!"), "x")), KEY, 400, "invalid_image",
+     "messages[0].content[0].image_url.url"),
+    ("server path", chat(user(image_part("/etc/hostname"))), KEY, 400, "invalid_media_url",
+     "messages[0].content[0].image_url.url"),
+    ("file URL", chat(user("x", image_part("file:///etc/hostname"))), KEY, 400, "invalid_media_url",
+     "messages[0].content[1].image_url.url"),
+    ("too many images", chat(user(*[image_part(data_uri(png((8, 8)))) for _ in range(9)])), KEY, 400,
+     "too_many_images", "messages"),
+    ("too many tiles", chat(user(*[image_part(data_uri(wide_png())) for _ in range(3)])), KEY, 400, "too_many_tiles",
+     "messages"),  # 3 images of 2 tiles and a thumbnail each: 9 > max_tiles=8
+    ("prompt over the context", chat(user("word " * 5000)), KEY, 400, "context_length_exceeded", "messages"),
+    ("max_tokens over the context", chat(user("hi"), max_tokens=5000), KEY, 400, "context_length_exceeded",
+     "messages"),
+    ("body too large", chat(user(image_part(data_uri(os.urandom(1_600_000))))), KEY, 413, "request_too_large", None),
+]
+
+
+@pytest.mark.parametrize("case", ERRORS, ids=[c[0] for c in ERRORS])
+def test_errors_are_openai_shaped(server, case):
+    _, body, key, status, code, param = case
+    response = post(server, None if isinstance(body, bytes) else body, key, raw=body if isinstance(body, bytes) else None)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["code"] == code or code is None
+    assert error["param"] == param or param is None
+    assert "base64," not in error["message"] or len(error["message"]) < 300  # no image bytes echoed
+
+
+@pytest.mark.parametrize("path,code", [("/missing.png", "media_fetch_failed"), ("/big.png", "media_too_large"),
+                                       ("/slow.png", "media_fetch_failed"), ("/text.png", "invalid_image")])
+def test_url_errors(server, media_server, path, code):
+    response = post(server, chat(user("What is it?", image_part(media_server.url(path)))))
+    assert response.status_code == 400 and response.json()["error"]["code"] == code, response.text
+    assert response.json()["error"]["param"] == "messages[0].content[1].image_url.url"
+
+
+def test_url_host_not_allowed(server, media_server):
+    url = media_server.url("/red.png").replace("127.0.0.1", "localhost")
+    response = post(server, chat(user(image_part(url))))
+    assert response.status_code == 400 and response.json()["error"]["code"] == "media_host_not_allowed"
+
+
+def test_openai_client_raises_its_own_error_classes(server):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(api_key="wrong", base_url=server.base + "/v1", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError) as e:
+        server.client.chat.completions.create(model="nope", messages=[user("hi")])
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        server.client.chat.completions.create(model="a", messages=[user("hi")], n=3)
+    assert httpx2.get(server.base + "/nowhere").json()["error"]["code"] == "not_found"
+
+
+def test_still_healthy_after_everything_and_never_a_500_or_traceback(server):
+    assert httpx2.get(server.base + "/health").status_code == 200
+    assert server.client.chat.completions.create(model="a", messages=[user("hi")]).choices[0].message.content
+    metrics = httpx2.get(server.base + "/metrics").text
+    assert not re.search(r'status="5\d\d"', metrics)
+    for record in server.logs.records:
+        assert record.exc_info is None and "Traceback" not in record.getMessage(), record.getMessage()
+    request_lines = [r.getMessage() for r in server.logs.records if r.getMessage().startswith("POST /v1/chat")]
+    assert request_lines and all(len(line) < 1000 for line in request_lines)  # one line each, no image bytes
+
+
+# ---------------------------------------------------------------- the command, the queue limit, shutdown
+
+
+@pytest.mark.slow
+def test_command_queue_limit_and_graceful_shutdown(ckpts, tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vltrain.serve", f"ckpt_dir={ckpts.a}", "port=0", "max_queue=1", "max_tokens=30",
+         "served_model_name=mine"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    port: list[int] = []
+    started = threading.Event()
+
+    def read():
+        for line in process.stdout:
+            output.append(line)
+            if match := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line):
+                port.append(int(match[1]))
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not started.wait(0.5):
+            assert process.poll() is None and time.monotonic() < deadline, "".join(output)
+        client = openai.OpenAI(api_key="none", base_url=f"http://127.0.0.1:{port[0]}/v1", max_retries=0)
+        first_token = threading.Event()
+        chunks = []
+
+        def long_stream():
+            for c in client.chat.completions.create(model="mine", messages=[user("Tell me a story.")], stream=True):
+                chunks.append(c)
+                if c.choices and c.choices[0].delta.content:
+                    first_token.set()
+
+        streamer = threading.Thread(target=long_stream)
+        streamer.start()
+        assert first_token.wait(120)
+        with pytest.raises(openai.RateLimitError) as e:  # max_queue=1: the running stream fills it
+            client.chat.completions.create(model="mine", messages=[user("me too")])
+        assert e.value.body["code"] == "queue_full"
+        process.send_signal(signal.SIGTERM)
+        streamer.join(timeout=120)
+        # uvicorn re-raises the signal once it has shut down, so the exit status is SIGTERM's
+        assert process.wait(timeout=120) in (0, -signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    reader.join(timeout=10)
+    log = "".join(output)
+    assert chunks[-1].choices[0].finish_reason == "length", log  # the running request finished
+    assert "Traceback" not in log and "status=429" in log and "status=200" in log, log
+    assert "Application shutdown complete" in log, log
