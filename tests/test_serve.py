@@ -22,7 +22,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 from PIL import Image
 
 openai = pytest.importorskip("openai", reason="the server's tests need the serve extras (pip install 'vltrain[serve]')")
@@ -247,8 +246,6 @@ def test_stop_words_seed_and_temperature(server):
     assert sampled[0] == sampled[1]
 
 
-@pytest.mark.skipif(shutil.which("ffmpeg") is None and not __import__("importlib").util.find_spec("av"),
-                    reason="a test video is written with PyAV")
 def test_video_as_data_uri(server, tmp_path):
     clip = write_video(tmp_path / "clip.mp4", 40)
     reply = server.client.chat.completions.create(model="a", messages=[user(

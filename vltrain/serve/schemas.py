@@ -171,8 +171,9 @@ def split_turns(messages: list[Message]) -> tuple[str | None, list[tuple[int, in
         if role in ("system", "developer"):
             raise bad_request(f"messages[{i}]: a system message may only come first", param=f"messages[{i}].role")
         if role != expected:
-            raise bad_request(f"messages[{i}]: expected {'an' if expected == 'assistant' else 'a'} {expected} message (user and assistant messages "
-                              "alternate, starting with user)", param=f"messages[{i}].role")
+            article = "an" if expected == "assistant" else "a"
+            raise bad_request(f"messages[{i}]: expected {article} {expected} message (user and assistant "
+                              "messages alternate, starting with user)", param=f"messages[{i}].role")
         if role == "user":
             rounds.append((i, None))
         else:
