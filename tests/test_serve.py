@@ -291,6 +291,14 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server):
         time.sleep(0.2)
     line = [r.getMessage() for r in server.logs.records if "client went away" in r.getMessage()][-1]
     assert int(re.search(r"completion_tokens=(\d+)", line)[1]) < 3000
+    # the same without streaming: the client gives up waiting for the JSON reply
+    with pytest.raises(httpx2.TimeoutException):
+        httpx2.post(server.base + "/v1/chat/completions", json={**body, "stream": False}, timeout=1.5,
+                    headers={"Authorization": f"Bearer {KEY}"})
+    while metric(server.base, "vltrain_cancelled_requests_total") < cancelled + 2 or metric(
+            server.base, "vltrain_running_requests") != 0:
+        assert time.monotonic() < deadline + 60, "the request kept running after its client left"
+        time.sleep(0.2)
     assert server.client.chat.completions.create(model="a", messages=[user("Still there?")]).choices
 
 
@@ -455,3 +463,26 @@ def test_command_queue_limit_and_graceful_shutdown(ckpts, tmp_path):
     assert chunks[-1].choices[0].finish_reason == "length", log  # the running request finished
     assert "Traceback" not in log and "status=429" in log and "status=200" in log, log
     assert "Application shutdown complete" in log, log
+
+
+def test_configuration_errors(ckpts, tmp_path, capsys):
+    from vltrain.serve.__main__ import main
+    from vltrain.serve.models import load_served
+
+    assert main(["max_queue=0"]) == 2 and "max_queue must be >= 1" in capsys.readouterr().err
+    assert main([f"ckpt_dir={ckpts.a}", f"adapters={{x: {ckpts.b}}}"]) == 2
+    assert main(["max_batch_sise=4"]) == 2 and "max_batch_size" in capsys.readouterr().err  # the closest key
+    other = tmp_path / "other"
+    shutil.copytree(ckpts.b, other)
+    saved = (other / "vltrain.yaml").read_text(encoding="utf-8")
+    (other / "vltrain.yaml").write_text(saved.replace(str(ckpts.base), str(tmp_path / "another_base")),
+                                        encoding="utf-8")
+    cfg, options = compose_command([f"adapters={{a: {ckpts.a}, o: {other}}}"], "serve", ServeOptions,
+                                   run_dir="outputs/serve")
+    from vltrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="adapters.o: trained on base .* share one base"):
+        load_served(cfg, options)
+    cfg, options = compose_command([f"adapters={{a: {ckpts.root}}}"], "serve", ServeOptions, run_dir="outputs/serve")
+    with pytest.raises(ConfigError, match="adapters.a=.*: not a vltrain LoRA checkpoint"):
+        load_served(cfg, options)
