@@ -83,7 +83,7 @@ class Batcher:
         self.metrics = metrics
         self.pending: deque[Job] = deque()
         self.active = 0  # jobs waiting or running: what max_queue bounds
-        self.running = 0
+        self.running = 0  # jobs of the generate call now running that have not ended
         self.cond = threading.Condition()
         self.closing = False
         self.thread = threading.Thread(target=self._work, name="vltrain-serve-batcher", daemon=True)
@@ -222,6 +222,7 @@ class Batcher:
     def _end(self, job: Job, reason: str) -> None:
         job.finished = True
         with self.cond:
+            self.running -= 1
             self._release(job)
         if reason == "cancelled":
             return

@@ -141,10 +141,14 @@ async def resolve(parts: list[tuple[str, str, str]], options: ServeOptions, clie
         return kind, _local_path(url, param, options)
 
     try:
-        results = await asyncio.gather(*(one(*p) for p in parts))
-    except BaseException:
+        results = await asyncio.gather(*(one(*p) for p in parts), return_exceptions=True)
+    except BaseException:  # cancelled (the client went away)
         fetched.cleanup()
         raise
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:  # every fetch has ended, so every temporary file is listed
+        fetched.cleanup()
+        raise failures[0]
     for kind, ref in results:
         (fetched.images if kind == "image" else fetched.videos).append(ref)
     return fetched

@@ -41,7 +41,7 @@ class ServeOptions:
     max_body_bytes: int = 20 * 1024 * 1024
     """Largest request body (base64 images included); larger gets 413."""
     max_images: int = 8
-    """Most images (and video frames' videos) in one conversation."""
+    """Most image and video parts in one conversation (all its messages)."""
     max_tiles: int = 48
     """Most 448 px tiles (thumbnails and video frames included) in one conversation."""
     allow_local_media: bool = False
