@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vltrain.cli import compose_config
-from vltrain.data.collator import Collator, collate, collate_packed
+from vltrain.data.collator import Collator, collate, collate_packed, model_inputs
 from vltrain.data.dataset import EncodedDataset, PackedDataset, load_splits, pack_groups
 from vltrain.data.demo import write_demo_dataset
 from vltrain.data.encode import IGNORE_INDEX, Sample
@@ -48,6 +48,7 @@ def test_packed_row_keeps_positions_labels_and_tiles_per_record():
     assert batch["labels"].tolist() == [[-100, 2, 3, IGNORE_INDEX, 5, -100, 7]]
     assert "attention_mask" not in batch  # the mask comes from the position ids
     assert batch["tiles_per_sample"] == [2, 0, 1]
+    assert batch["sample_lengths"] == [3, 2, 2]
     assert batch["pixel_values"].dtype == torch.float32 and batch["pixel_values"].shape == (3, 3, 2, 2)
     unpacked = collate([a, b, c], pad_id=0)
     assert torch.equal(batch["pixel_values"], unpacked["pixel_values"])  # same tiles, same order, normalised
@@ -71,7 +72,7 @@ def model_and_samples(tmp_path_factory):
 
 def loss_and_grads(model, batch):
     model.zero_grad()
-    inputs = {k: v for k, v in batch.items() if k != "tiles_per_sample"}
+    inputs = model_inputs(batch)
     loss = model(**inputs).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -97,7 +98,6 @@ def test_packing_is_needed_for_equality(model_and_samples):
     batch = collate_packed(samples)
     batch.pop("position_ids")
     with torch.no_grad():
-        crossed = model(**{k: v for k, v in batch.items() if k != "tiles_per_sample"}).loss
-        padded = model(**{k: v for k, v in collate(samples, tokenizer.pad_token_id).items()
-                          if k != "tiles_per_sample"}).loss
+        crossed = model(**model_inputs(batch)).loss
+        padded = model(**model_inputs(collate(samples, tokenizer.pad_token_id))).loss
     assert not torch.allclose(crossed, padded, rtol=1e-4)

@@ -196,12 +196,22 @@ class SftConfig:
     """full only: keep the language model (and LM head) frozen."""
     freeze_projector: bool = False
     """full only: keep the projector frozen."""
+    lora_experts: bool = False
+    """lora only, MoE LLMs: LoRA on the experts' fused weights too (peft `target_parameters` on every layer's
+    `mlp.experts.gate_up_proj` and `mlp.experts.down_proj`, one rank-`lora_rank` pair per expert). Each forward
+    then adds the low-rank update to the whole expert stack of a layer (memory and time of one more copy of
+    those weights), and peft allows no dropout there: it needs `lora_dropout: 0`."""
 
     def __post_init__(self):
         if self.name == "lora" and (self.freeze_vision or self.freeze_llm or self.freeze_projector):
             raise ConfigError("sft_type.freeze_* flags apply to sft_type=full; LoRA already freezes the base model")
         if self.name == "full" and self.freeze_vision and self.freeze_llm and self.freeze_projector:
             raise ConfigError("sft_type=full with every part frozen leaves nothing to train")
+        if self.lora_experts and self.name != "lora":
+            raise ConfigError("sft_type.lora_experts applies to sft_type=lora (full fine-tuning trains the experts)")
+        if self.lora_experts and self.lora_dropout:
+            raise ConfigError(f"sft_type.lora_experts: peft's LoRA on expert weights has no dropout; set "
+                              f"sft_type.lora_dropout=0 (now {self.lora_dropout})")
         if self.lora_rank < 1:
             raise ConfigError(f"sft_type.lora_rank must be >= 1, got {self.lora_rank}")
 
@@ -278,6 +288,15 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A NaN or inf loss or gradient: `stop` the run naming the step and the batch's records, or `skip` that
     optimizer step (no update) and go on."""
+    loss_reduction: Literal["token", "sample", "square"] = "token"
+    """How the trained tokens of a batch weigh in the training loss (`vltrain.train.loss`). `token`: every trained
+    token alike, the mean over all of them in the optimizer step. `square`: each sample's tokens weigh
+    1/sqrt(its trained tokens) (the official InternVL3.5 SFT recipe, `loss_reduction square`); `sample`: 1/n,
+    every sample alike. With `data.packing` a sample is one record of a pack. The evaluation loss stays `token`."""
+    router_aux_loss_coef: float | None = None
+    """MoE LLMs (Qwen3-MoE, GPT-OSS): weight of the router's load-balancing loss added to the training loss (logged
+    as `router_aux_loss`). None: as the official recipe, the LLM config's `router_aux_loss_coef` when its
+    `output_router_logits` is true, and always for GPT-OSS (whose recipe forces it); 0: never."""
 
     def __post_init__(self):
         unknown = set(self.trainer) - training_argument_names()
@@ -297,6 +316,9 @@ class TrainConfig:
             raise ConfigError(f"resume_only_model: not available with DeepSpeed (parallel={self.parallel.name}), "
                               "whose checkpoints always restore the optimizer; resume without it, or start a new run "
                               "from the checkpoint's weights (model.path=<checkpoint>)")
+        if self.router_aux_loss_coef is not None and not (math.isfinite(self.router_aux_loss_coef)
+                                                         and self.router_aux_loss_coef >= 0):
+            raise ConfigError(f"router_aux_loss_coef must be a number >= 0 (or null), got {self.router_aux_loss_coef}")
         if self.global_batch_size < 1:
             raise ConfigError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
         if self.model.load_in_8bit and self.sft_type.name != "lora":

@@ -34,7 +34,7 @@ import torch
 
 from vltrain.cli import compose_config
 from vltrain.config import SftConfig
-from vltrain.data.collator import collate, collate_packed
+from vltrain.data.collator import collate, collate_packed, model_inputs
 from vltrain.data.dataset import pack_groups
 from vltrain.data.encode import IGNORE_INDEX, Sample
 from vltrain.model.load import internvl_config
@@ -168,7 +168,7 @@ def run_case(name: str, args, device, rate: float) -> dict:
     steps = batches(samples, args.tokens, packed, pad_id=0)[: args.warmup + args.steps]
     times, flops, tokens = [], 0.0, 0
     for i, batch in enumerate(steps):
-        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items() if k != "tiles_per_sample"}
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in model_inputs(batch).items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16 if sft == "lora" else torch.float32)
         sync(device)

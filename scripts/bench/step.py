@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch
 
 from vltrain.cli import compose_config
+from vltrain.data.collator import model_inputs
 from vltrain.model.load import load_model
 from vltrain.model.tuning import apply_sft
 from vltrain.train.recipe import build_trainer
@@ -130,8 +131,7 @@ def bare_steps(cfg, trainer, warmup: int, steps: int) -> list[float]:
     dataset, collate = trainer.train_dataset, trainer.data_collator
     accumulation = args.gradient_accumulation_steps
     # the trainer's batches, in its order, ready for the model: tiles normalised, collator-only keys dropped
-    batches = [{k: v for k, v in trainer._prepare_inputs(collate([dataset[i] for i in records])).items()
-                if k not in ("tiles_per_sample", "record_index")}
+    batches = [model_inputs(trainer._prepare_inputs(collate([dataset[i] for i in records])))
                for records in trainer.batch_records[:(warmup + steps + 1) * accumulation]]
     stamps = []
     for step in range(warmup + steps + 1):

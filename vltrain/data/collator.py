@@ -13,6 +13,14 @@ import torch
 from vltrain.data.encode import IGNORE_INDEX, Sample
 from vltrain.data.tiling import normalise
 
+BATCH_INFO = ("tiles_per_sample", "sample_lengths", "record_index")
+"""Keys of a batch that describe it and are no model input (`record_index`: added by the training loader)."""
+
+
+def model_inputs(batch: dict) -> dict:
+    """`batch` without its `BATCH_INFO` keys: what the model's forward takes."""
+    return {k: v for k, v in batch.items() if k not in BATCH_INFO}
+
 
 def _pixel_values(samples: list[Sample], normalise_tiles: bool = True) -> torch.Tensor | None:
     """All tiles of `samples` in order, (T, 3, S, S) float32; uint8 tiles are normalised once, after the concat
@@ -83,8 +91,9 @@ def collate_packed(samples: list[Sample], normalise_tiles: bool = True) -> dict[
     Tiles stay in record order, as the `<IMG_CONTEXT>` positions are.
 
     Returns:
-      input_ids (1, N), labels (1, N), position_ids (1, N) int64; tiles_per_sample, a list of B ints;
-      use_cache False; pixel_values (T, 3, H, W) float32 only when T > 0.
+      input_ids (1, N), labels (1, N), position_ids (1, N) int64; tiles_per_sample and sample_lengths (the
+      records' token counts, summing to N: where each record starts, for per-record loss weights), lists of B
+      ints; use_cache False; pixel_values (T, 3, H, W) float32 only when T > 0.
     """
     labels = torch.cat([s.labels for s in samples])
     starts = torch.tensor([0, *[len(s.input_ids) for s in samples[:-1]]]).cumsum(0)
@@ -94,6 +103,7 @@ def collate_packed(samples: list[Sample], normalise_tiles: bool = True) -> dict[
         "labels": labels[None],
         "position_ids": torch.cat([torch.arange(len(s.input_ids)) for s in samples])[None],
         "tiles_per_sample": [sum(s.tiles_per_image) for s in samples],
+        "sample_lengths": [len(s.input_ids) for s in samples],
         "use_cache": False,  # transformers reads packed position ids only without a KV cache
     }
     pixel_values = _pixel_values(samples, normalise_tiles)

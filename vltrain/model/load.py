@@ -201,6 +201,10 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, dtyp
             path = converted_copy(path, tokenizer, cfg)
         model = _load_folder(path, tokenizer, dtype, cfg, device_map=device_map, sft=sft)
         _check_vocab(model, tokenizer, path)
+    # transformers' InternVL fails on an MoE LLM config asking for router logits (a published 3.5 config may); the
+    # trainer reads the declared value to decide on the router loss (`vltrain.train.recipe.resolve_router_aux`)
+    if getattr(model.config.text_config, "output_router_logits", False):
+        model.config.text_config.output_router_logits = False
     if cfg.drop_path_rate > 0:
         from vltrain.model.internvl import set_drop_path
 
@@ -273,8 +277,9 @@ def _load_folder(path: Path, tokenizer, dtype: torch.dtype, cfg: ModelConfig,
     from safetensors import SafetensorError
 
     try:
-        return _model_class(config).from_pretrained(path, config=config, dtype=dtype,
-                                                    attn_implementation=cfg.attn_impl, **kwargs)
+        return _model_class(config).from_pretrained(
+            path, config=config, dtype=dtype,
+            attn_implementation=attention_implementations(config.text_config, cfg.attn_impl), **kwargs)
     except (OSError, SafetensorError) as e:  # no weights in the folder, an unreadable shard
         raise ConfigError(f"model.path={path}: {str(e).strip().splitlines()[0]}") from None
 
@@ -469,19 +474,35 @@ def internvl_config(arch: dict, vocab_size: int | None = None, image_token_id: i
     image_token_id = arch_image_token_id if image_token_id is None else image_token_id
     if image_token_id is None:
         raise ConfigError("model.arch.image_token_id is needed to build a model without a tokenizer")
+    # InternVLConfig ties lm_head to the embeddings by default; InternVL 1.5-3 checkpoints never do, InternVL3.5
+    # takes it from its LLM (the small Qwen3 sizes tie): `arch.llm.tie_word_embeddings`, false unless given.
+    tie = bool(llm.pop("tie_word_embeddings", False))
+    # transformers' InternVL returns no router logits, and fails when its MoE LLM is asked for them; whether the
+    # router loss is trained is the trainer's decision (`vltrain.train.loss.router_aux_coef` reads `arch.llm`).
+    llm.pop("output_router_logits", None)
     text = AutoConfig.for_model(llm.pop("model_type"), vocab_size=vocab_size, **llm)
-    text.tie_word_embeddings = False
+    text.tie_word_embeddings = tie
     config = InternVLConfig(
         vision_config=vision,
         text_config=text,
         image_seq_length=tokens_per_tile(vision.image_size[0], vision.patch_size[0], arch.get("downsample_ratio", 0.5)),
         image_token_id=image_token_id,
-        # InternVLConfig ties lm_head to the embeddings by default; InternVL checkpoints never do.
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
         **arch,
     )
-    config._attn_implementation = attn_impl
+    config._attn_implementation = attention_implementations(text, attn_impl)
     return config
+
+
+def attention_implementations(text_config, attn_impl: str) -> str | dict[str, str]:
+    """`attn_impl` for the whole model, or per part where the LLM has no sdpa kernel (GPT-OSS: its attention
+    sinks run in eager attention, as the official recipe runs them) and `attn_impl` is sdpa."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    llm_class = MODEL_MAPPING.get(type(text_config), None)
+    if attn_impl == "sdpa" and llm_class is not None and not llm_class._supports_sdpa:
+        return {"": attn_impl, "vision_config": attn_impl, "text_config": "eager"}
+    return attn_impl
 
 
 def make_encoder(cfg, model=None, tokenizer=None) -> Encoder:

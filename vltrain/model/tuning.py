@@ -2,7 +2,9 @@
 
 The parts of InternVLForConditionalGeneration are named here once, as data; LoRA targets and freezing both
 read them. LoRA's default targets every linear layer of the LLM (not the LM head) and of the projector, never
-the vision tower (ms-swift 2.3+'s default for all InternVL types).
+the vision tower (ms-swift 2.3+'s default for all InternVL types). In an MoE LLM that is attention and any dense or
+shared-expert MLP: transformers 5 keeps the experts as fused 3-D parameters and the routers as plain parameters,
+which no linear-layer target reaches; `lora_experts` adds the experts.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import warnings
 import torch
 from peft import LoraConfig, get_peft_model
 
-from vltrain.config import SftConfig
+from vltrain.config import ConfigError, SftConfig
 
 # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` alias each time it wraps or loads a
 # model, and transformers then warns on every run about code the user does not own. The value peft gets is
@@ -29,6 +31,10 @@ PARTS: dict[str, tuple[str, ...]] = {
 }
 LORA_EXCLUDED = r"model\.vision_tower\..*"
 """Modules `all-linear` would reach that the default LoRA leaves alone (peft matches it against full names)."""
+EXPERT_WEIGHTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+"""The fused expert weights of transformers 5's MoE layers (Qwen3-MoE: (experts, out, in); GPT-OSS: (experts, in,
+out)), 3-D nn.Parameters that no `target_modules` reaches: `sft_type.lora_experts` adapts them through peft's
+`target_parameters`."""
 
 
 def part_of(name: str) -> str:
@@ -44,12 +50,16 @@ def lora_config(cfg: SftConfig) -> LoraConfig:
     default = cfg.lora_targets == "default"
     return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules="all-linear" if default else cfg.lora_targets,
-                      exclude_modules=LORA_EXCLUDED if default else None, task_type="CAUSAL_LM")
+                      exclude_modules=LORA_EXCLUDED if default else None, task_type="CAUSAL_LM",
+                      target_parameters=EXPERT_WEIGHTS if cfg.lora_experts else None)
 
 
 def apply_sft(model: torch.nn.Module, cfg: SftConfig) -> torch.nn.Module:
     """Return the model to train: a PeftModel for LoRA, or the model with frozen parts for full."""
     if cfg.name == "lora":
+        if cfg.lora_experts and not any(n.endswith(tuple(EXPERT_WEIGHTS)) for n, _ in model.named_parameters()):
+            raise ConfigError("sft_type.lora_experts: this model's LLM has no fused expert weights "
+                              f"({', '.join(EXPERT_WEIGHTS)}); it applies to Qwen3-MoE and GPT-OSS LLMs")
         for p in model.parameters():
             p.requires_grad_(False)
         return get_peft_model(model, lora_config(cfg))

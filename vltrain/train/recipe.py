@@ -56,6 +56,7 @@ from vltrain.train.checkpoint import (
     resumed_config,
     rotate,
 )
+from vltrain.train.loss import router_aux_coef
 from vltrain.train.order import IndexedCollator, SeededSamples
 from vltrain.train.preempt import PreemptionCheckpoint, RunShape
 from vltrain.train.run import RunFolder, process_index, run_config_yaml
@@ -188,6 +189,8 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
         resume_only_model=cfg.resume_only_model,
         on_nonfinite=cfg.on_nonfinite,
         parallel=cfg.parallel.name,
+        loss_reduction=cfg.loss_reduction,
+        router_aux_coef=cfg.router_aux_loss_coef or 0.0,
     )
     trainer.resume_checkpoint = str(point.checkpoint) if point and point.checkpoint else None
     return trainer
@@ -206,6 +209,7 @@ def start_run(cfg: TrainConfig) -> tuple[TrainConfig, ResumePoint | None]:
         raise ConfigError(f"run folder {Path(cfg.run_dir).resolve()} already holds a run; continue it with "
                           "resume=auto (same hydra.run.dir) or resume=<that folder>, or choose another folder")
     check_max_length(cfg)
+    cfg = resolve_router_aux(cfg)
     run = RunFolder.for_config(cfg)
     run.create()
     if run.is_main:
@@ -215,20 +219,38 @@ def start_run(cfg: TrainConfig) -> tuple[TrainConfig, ResumePoint | None]:
     return cfg, point
 
 
+def declared_llm_config(cfg: TrainConfig) -> dict:
+    """The LLM's config as the model declares it, before any weight loads: `model.arch.llm` of a random model,
+    else the `text_config` (HF-native) or `llm_config` (original layout) of its config.json; {} when unreadable
+    (the model loader then says what is wrong with the folder)."""
+    if cfg.model.init == "random":
+        return cfg.model.arch.get("llm", {})
+    from vltrain.model.hub import resolve_model_path
+
+    config_file = resolve_model_path(cfg.model.path, cfg.model.hub, cfg.model.hub_token,
+                                     files=["config.json"]) / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config.get("text_config") or config.get("llm_config") or {}
+
+
+def resolve_router_aux(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the router-loss coefficient of an MoE LLM decided (`vltrain.train.loss.router_aux_coef`) and
+    written down, so that the run config (and a resumed run) keeps it whatever the saved base's config says."""
+    llm = declared_llm_config(cfg)
+    if llm.get("model_type") not in ("qwen3_moe", "gpt_oss"):
+        return cfg
+    coef = router_aux_coef(llm, cfg.router_aux_loss_coef)
+    log.info("MoE LLM (%s): router load-balancing loss %s", llm["model_type"],
+             f"added with coefficient {coef}" if coef else "not added")
+    return dataclasses.replace(cfg, router_aux_loss_coef=coef)
+
+
 def check_max_length(cfg: TrainConfig) -> None:
     """`data.max_length` within the positions the LLM was built for (rope scaling included), from its config."""
-    if cfg.model.init == "random":
-        llm = cfg.model.arch.get("llm", {})
-    else:
-        from vltrain.model.hub import resolve_model_path
-
-        config_file = resolve_model_path(cfg.model.path, cfg.model.hub, cfg.model.hub_token,
-                                         files=["config.json"]) / "config.json"
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return  # the model loader says what is wrong with the folder
-        llm = config.get("text_config") or config.get("llm_config") or {}
+    llm = declared_llm_config(cfg)
     limit = llm.get("max_position_embeddings")
     if not isinstance(limit, int):
         return

@@ -1,6 +1,7 @@
 """The HF Trainer, with the hooks InternVL training needs: the vision side on text-only batches, a data order that
-follows from (seed, epoch, step), checkpoints published only when complete (`vltrain.train.checkpoint`), and NaN or
-inf losses and gradients caught before they reach the weights."""
+follows from (seed, epoch, step), checkpoints published only when complete (`vltrain.train.checkpoint`), NaN or
+inf losses and gradients caught before they reach the weights, and the training objective of `vltrain.train.loss`
+(per-sample weights, the MoE router loss)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from transformers import Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from vltrain.data.collator import model_inputs
 from vltrain.data.encode import Encoder
 from vltrain.data.records import Record
 from vltrain.data.tiling import normalise_tensor
@@ -21,6 +23,7 @@ from vltrain.infer.engine import answer_records, exact_match, reference_answers
 from vltrain.model.load import load_saved_weights
 from vltrain.model.tuning import trainable_parts
 from vltrain.train.checkpoint import CheckpointError, checkpoint_error, publish, rotate, staging_dir
+from vltrain.train.loss import mean_over_ranks, recorded_router_logits, router_aux_loss, weighted_lm_loss
 from vltrain.train.order import EpochSampler, SeededSamples
 
 log = logging.getLogger(__name__)
@@ -35,12 +38,19 @@ class VLTrainer(Trainer):
     text-only batches where other ranks need it to, and scores held-out answers.
 
     `checkpoint_files` (name -> text) go into every checkpoint before it is published; `resume_only_model` loads
-    only the weights of the checkpoint `train` resumes; `on_nonfinite` is `stop` or `skip`."""
+    only the weights of the checkpoint `train` resumes; `on_nonfinite` is `stop` or `skip`; `loss_reduction`
+    and `router_aux_coef` shape the training loss (`vltrain.train.loss`; evaluation keeps the plain token mean)."""
 
     def __init__(self, *args, encoder: Encoder, answer_set: list[Record], max_new_tokens: int = 32,
                  checkpoint_files: dict[str, str] | None = None, resume_only_model: bool = False,
-                 on_nonfinite: str = "stop", parallel: str = "single", **kwargs):
+                 on_nonfinite: str = "stop", parallel: str = "single", loss_reduction: str = "token",
+                 router_aux_coef: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
+        self.loss_reduction = loss_reduction
+        self.router_aux_coef = router_aux_coef
+        if loss_reduction != "token":
+            self.loss_is_scaled_for_ga = False  # a per-micro-batch loss: the Trainer divides by the steps
+        self._router_aux: list[torch.Tensor] = []  # router losses of the micro-batches since the last log
         self.encoder = encoder
         self.answer_set = answer_set
         self.max_new_tokens = max_new_tokens
@@ -245,11 +255,55 @@ class VLTrainer(Trainer):
         in evaluation too; otherwise when they have trainable parameters (DDP needs a gradient for each, the
         official recipe's dummy image with `image_flags` 0). See `_dummy_image`: the loss and the gradients of
         everything else are unchanged, the vision side gets zero gradients."""
-        inputs = {k: v for k, v in inputs.items() if k not in ("tiles_per_sample", "record_index")}
+        sample_lengths = inputs.get("sample_lengths")
+        inputs = model_inputs(inputs)
         dummy = inputs.get("pixel_values") is None and self._vision_must_run(model)
         with _dummy_image(self.accelerator.unwrap_model(model)) if dummy else nullcontext():
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            if not model.training or (self.loss_reduction == "token" and not self.router_aux_coef):
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            loss = self._training_objective(model, inputs, sample_lengths, num_items_in_batch)
+            return (loss, None) if return_outputs else loss
+
+    def _training_objective(self, model, inputs, sample_lengths, num_items_in_batch) -> torch.Tensor:
+        """The loss of one training micro-batch with sample weights and / or the router loss. `token` keeps the
+        Trainer's own normalisation (by the trained tokens of the whole accumulated step, over all ranks); the
+        weighted reductions normalise each micro-batch (`weighted_lm_loss`) and let the Trainer divide by the
+        accumulation steps. The router loss is scaled the way the language-model loss is, so that the step
+        averages it over micro-batches and ranks."""
+        text_config = self._base_model().config.text_config
+        recording = recorded_router_logits(self._base_model(), text_config) if self.router_aux_coef else nullcontext()
+        with recording as routed:
+            if self.loss_reduction == "token":
+                loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            else:
+                labels = inputs.pop("labels")
+                logits = model(**inputs).logits
+                loss = weighted_lm_loss(logits, labels, self.loss_reduction, sample_lengths)
+        if not self.router_aux_coef:
+            return loss
+        aux = router_aux_loss(routed, text_config, inputs.get("attention_mask"))
+        self._router_aux.append(aux.detach().float())
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:  # the Trainer's own rule (Trainer.training_step)
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or \
+                self.compute_loss_func is not None
+        steps = self.current_gradient_accumulation_steps if scaled else 1
+        return loss + self.router_aux_coef * aux.to(loss.device) / steps
+
+    def _base_model(self):
+        """The InternVL model under the DDP / DeepSpeed and peft wrappers."""
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds `router_aux_loss` to the training logs: the unweighted router loss, averaged over the micro-batches
+        since the last log and over the ranks (every rank logs the same steps)."""
+        if "loss" in logs and self._router_aux:
+            aux = mean_over_ranks(torch.stack(self._router_aux).mean().to(self.args.device))
+            logs["router_aux_loss"] = round(aux.item(), 6)
+            self._router_aux = []
+        super().log(logs, start_time)
 
     def _vision_must_run(self, model) -> bool:
         if is_deepspeed_zero3_enabled() or self.is_fsdp_enabled:
