@@ -55,3 +55,11 @@ def test_swift_example_with_the_import_changed(tmp_path):
     with pytest.raises(ValueError, match="unknown template"):
         get_template("internvl3", tokenizer)
     assert get_template("internvl", tokenizer).merge_image_blocks is True
+    # InternVL3.5 thinking: the thinking prompt becomes the encoder's default system; only where there is one
+    from vltrain.api import _engine
+    from vltrain.data.templates import THINKING_SYSTEM
+
+    assert _engine(model, get_template("internvl2_5", tokenizer, thinking=True)).encoder.default_system == \
+        THINKING_SYSTEM
+    with pytest.raises(ValueError, match="has no thinking mode"):
+        get_template("Hermes-2", tokenizer, thinking=True)

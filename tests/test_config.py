@@ -106,6 +106,18 @@ def test_cross_field_checks():
         validate({"model": {"name": "internvl2-8b"}, "dataset": {"train": ["a.jsonl"]}})
 
 
+def test_thinking_needs_a_template_with_a_thinking_mode_and_no_explicit_system():
+    data = base_dict()
+    data["model"] = {**data.get("model", {}), "template": "internvl2_5", "thinking": True}
+    assert validate(data).model.thinking is True
+    data["model"]["template"] = "internvl3_5_gpt_oss"
+    with pytest.raises(ConfigError, match="model.thinking=true: template 'internvl3_5_gpt_oss' has no thinking mode"):
+        validate(data)
+    data["model"] |= {"template": "internvl2_5", "system": "Be brief."}
+    with pytest.raises(ConfigError, match="model.thinking=true sets the system message"):
+        validate(data)
+
+
 def test_command_line_typo_is_caught_before_composing():
     check_overrides(["model=tiny", "trainer.learning_rate=1e-3", "model.arch.vision.hidden_size=32", "-m"])
     with pytest.raises(ConfigError, match=r"sft_type\.lora_rnak: unknown config key \(did you mean 'sft_type\.lora_rank'\?\)"):

@@ -267,6 +267,24 @@ def test_record_system_overrides_and_empty_system_removes(tokenizer):
     assert none.startswith("<|im_start|>user\nhi")
 
 
+def test_thinking_makes_the_thinking_prompt_the_default_system(real_tokenizer):
+    from vltrain.data.templates import THINKING_SYSTEM
+
+    tokenizer = real_tokenizer("qwen3", "internvl2_5")
+    thinking = Encoder(tokenizer, "internvl2_5", system=None, max_tiles=1, max_length=4096, thinking=True)
+    plain = Encoder(tokenizer, "internvl2_5", system=None, max_tiles=1, max_length=4096)
+    record = rec("12*12?", "<think>\n12*12 = 144.\n</think>\n\n144.")
+    text = tokenizer.decode(thinking(record).input_ids)
+    assert text.startswith(f"<|im_start|>system\n{THINKING_SYSTEM}<|im_end|>\n<|im_start|>user\n12*12?")
+    assert tokenizer.decode(plain(record).input_ids).startswith("<|im_start|>system\n你是书生·万象")
+    assert trained_text(tokenizer, thinking(record)) == ["<think>\n12*12 = 144.\n</think>\n\n144.<|im_end|>"]
+    # a record's own system still wins
+    own = tokenizer.decode(thinking(rec("q", "a", system="Be brief.")).input_ids)
+    assert own.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    with pytest.raises(ValueError, match="template 'Hermes-2' has no thinking mode"):
+        Encoder(tokenizer, "Hermes-2", system=None, max_tiles=1, max_length=512, thinking=True)
+
+
 def test_generation_prompt_ends_with_assistant_header(tokenizer, media):
     encoder = Encoder(tokenizer, "Hermes-2", system="", max_tiles=1, max_length=512)
     sample = encoder(rec("hi", "yo", images=[media["square"]]), for_generation=True)
@@ -276,6 +294,9 @@ def test_generation_prompt_ends_with_assistant_header(tokenizer, media):
 
 
 def test_from_config_carries_every_option(tokenizer, tmp_path):
+    thinking = Encoder.from_config(TrainConfig(model=ModelConfig(init="random", template="internvl2_5", thinking=True),
+                                               dataset=DatasetConfig(train=["x.jsonl"])), tokenizer, 448, 256)
+    assert thinking.default_system == get_template("internvl2_5").thinking_system
     cfg = TrainConfig(
         model=ModelConfig(init="random", template="internlm2-chat", system="S", max_tiles=6, merge_image_blocks=True),
         dataset=DatasetConfig(train=["x.jsonl"]),

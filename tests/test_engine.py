@@ -34,3 +34,19 @@ def test_answers_stop_at_the_template_separator(monkeypatch):
     (["red", " blue "], ["red", "blue"], 1.0), (["red"], ["Red"], 0.0), ([], [], 0.0)])
 def test_exact_match(answers, references, expected):
     assert exact_match(answers, references) == expected
+
+
+def test_harmony_replies_stop_at_return_without_the_channel_header(gpt_oss_tokenizer):
+    """GPT-OSS: the generation prompt ends with `<|start|>assistant` (as the official chat()); the model writes the
+    channel header, which the reply drops; generation stops at <|return|>."""
+    from vltrain.data.encode import Encoder
+    from vltrain.infer.engine import Engine
+    from vltrain.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(gpt_oss_tokenizer, "internvl3_5_gpt_oss")
+    engine = Engine(None, Encoder(tokenizer, "internvl3_5_gpt_oss", None, max_tiles=1, max_length=4096))
+    assert engine.stop_id == tokenizer.convert_tokens_to_ids("<|return|>") == 200002
+    generated = tokenizer.encode("<|channel|>final<|message|> A <ref>cat</ref>.<|return|><|endoftext|>")
+    assert engine.decode(generated) == "A <ref>cat</ref>."
+    prompt = engine.encoder(Record(query="Hi", response="-"), for_generation=True)
+    assert tokenizer.decode(prompt.input_ids).endswith("<|start|>user<|message|>Hi<|end|><|start|>assistant")

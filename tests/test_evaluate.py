@@ -12,7 +12,7 @@ from vltrain.data.demo import write_demo_dataset
 from vltrain.data.records import Record, read_records
 from vltrain.infer import evaluate as evaluation
 from vltrain.infer.engine import Engine
-from vltrain.infer.evaluate import evaluate, grounding_iou, parse_boxes, score
+from vltrain.infer.evaluate import evaluate, final_answer, grounding_iou, parse_boxes, score
 from vltrain.model.load import load_model_tokenizer, make_encoder
 
 
@@ -108,3 +108,10 @@ def test_a_malformed_box_keeps_its_place_among_good_ones():
     reference = "<box>[[0, 0, 10, 10], [20, 20, 30, 30]]</box>"
     assert grounding_iou("<box>[[0, 0, 10, 10], [2.0.0, 20, 30, 30]]</box>", reference) == pytest.approx(0.5)
     assert grounding_iou("<box>[[x, 0, 10, 10], [20, 20, 30, 30]]</box>", reference) == pytest.approx(0.5)
+
+
+def test_thinking_replies_are_scored_by_their_final_answer():
+    reply = "<think>\nThe square is red.\n</think>\n\nred"
+    assert final_answer(reply) == "red" and final_answer("red") == "red"
+    assert score([reply], ["red"])["exact_match"] == 1.0
+    assert score([reply], ["<think>\nother reasoning\n</think>\n\nred"])["exact_match"] == 1.0

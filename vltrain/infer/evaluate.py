@@ -9,7 +9,9 @@ Scores: exact match (stripped strings), ROUGE-L F1 (the `rouge-score` library, w
 characters: one token per character, lowercase alphanumeric words otherwise; rouge-score's own tokenizer drops
 every CJK character) and, for rows whose reference holds `<box>` coordinates, the IoU of the reply's boxes
 against the reference's (paired in order; a missing box counts 0) and the share with IoU >= 0.5. The reference
-is the response as trained on: grounding placeholders filled.
+is the response as trained on: grounding placeholders filled. A reply or reference with a thinking block
+(`<think>...</think>`, InternVL3.5 with `model.thinking`) is scored by the answer after its last `</think>`; the
+result rows keep the whole reply.
 
 Output: `<result_dir>/<time>.jsonl`, one row per record (`system`, `query`, `history`, `response`, `label`,
 `images`, `videos`, `source`, `line`, and `error` for a record that could not be encoded), written batch by batch
@@ -103,8 +105,15 @@ def _row_iou(answer: str, reference: str) -> float | None:
         return 0.0
 
 
+def final_answer(text: str) -> str:
+    """The answer after the last `</think>` (the whole text when it has none)."""
+    return text.rsplit("</think>", 1)[-1].strip()
+
+
 def score(answers: list[str], references: list[str]) -> dict[str, float]:
-    """exact_match, rouge_l and, when some references hold boxes, grounding_iou / grounding_acc@0.5."""
+    """exact_match, rouge_l and, when some references hold boxes, grounding_iou / grounding_acc@0.5, all on the
+    final answers (`final_answer`)."""
+    answers, references = [final_answer(a) for a in answers], [final_answer(r) for r in references]
     metrics = {"rows": len(references), "exact_match": exact_match(answers, references)}
     rouge = rouge_l(answers, references)
     metrics["rouge_l"] = sum(rouge) / len(rouge) if rouge else 0.0
