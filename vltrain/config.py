@@ -190,6 +190,10 @@ class SftConfig:
     lora_targets: str | list[str] = "default"
     """`default`: every linear layer of the LLM (not the LM head) and of the projector, never the vision tower.
     A list of module-name suffixes, or a regex string matched against full module names."""
+    init_adapter: str | None = None
+    """lora only: a LoRA checkpoint whose adapter starts the training (a vltrain checkpoint, or an ms-swift or
+    official InternVL one, converted onto `model.path`); its rank, alpha and target modules are used instead of
+    the lora_* keys. Only the adapter weights are read: the optimizer and schedule start afresh."""
     freeze_vision: bool = False
     """full only: keep the vision tower frozen."""
     freeze_llm: bool = False
@@ -212,6 +216,8 @@ class SftConfig:
         if self.lora_experts and self.lora_dropout:
             raise ConfigError(f"sft_type.lora_experts: peft's LoRA on expert weights has no dropout; set "
                               f"sft_type.lora_dropout=0 (now {self.lora_dropout})")
+        if self.init_adapter and self.name != "lora":
+            raise ConfigError("sft_type.init_adapter applies to sft_type=lora")
         if self.lora_rank < 1:
             raise ConfigError(f"sft_type.lora_rank must be >= 1, got {self.lora_rank}")
 

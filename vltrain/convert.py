@@ -4,7 +4,10 @@ Run as:
     python -m vltrain.convert src=path/to/InternVL2-8B dst=path/to/InternVL2-8B-hf
     python -m vltrain.convert src=... dst=... dtype=fp32 template=internlm2-chat tokenizer=path/to/tokenizer
 
-Keys and defaults: vltrain/conf/convert.yaml. The output loads with plain transformers
+    python -m vltrain.convert src=output/internvl2-8b/v0-.../checkpoint-100 dst=path/to/lora [model.path=<base>]
+
+Keys and defaults: vltrain/conf/convert.yaml. A LoRA checkpoint of ms-swift (2.x, 3.x, `tuner_backend swift`) or of
+the official scripts becomes a vltrain checkpoint folder (`vltrain.model.adapters.convert_adapter`). The output loads with plain transformers
 (`InternVLForConditionalGeneration.from_pretrained(dst)`, `AutoTokenizer.from_pretrained(dst)`), except that a
 `ps_version: v1` checkpoint must be loaded through vltrain, and a `phi3-chat` one's tokenizer too for the ids the
 official training used (see vltrain.model.convert).
@@ -32,7 +35,7 @@ def parse(argv: list[str]) -> dict:
             known = list(compose("convert"))
             for arg in argv:
                 key = arg.split("=", 1)[0].lstrip("+~")
-                if key not in known:
+                if key not in known and key != "model.path":
                     raise ValueError(f"{key}: unknown key{suggest(key, known)}; valid keys: {', '.join(known)}")
             cfg = compose("convert", overrides=list(argv))
     except HydraException as e:
@@ -59,9 +62,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from vltrain.model.adapters import convert_adapter, foreign_format
     from vltrain.model.convert import ConversionError, convert_checkpoint
 
     dtype = DTYPES[args["dtype"]]
+    if foreign_format(args["src"]) is not None:
+        try:
+            dst = convert_adapter(args["src"], args["dst"], model_path=args["model"]["path"])
+        except (ConversionError, ValueError, OSError) as e:
+            sys.exit(f"vltrain.convert: {e}")
+        print(f"converted {args['src']} -> {dst} (LoRA checkpoint)")
+        return 0
     try:
         dst = convert_checkpoint(args["src"], args["dst"], dtype=getattr(torch, dtype) if dtype else None,
                                  template=args["template"], tokenizer_path=args["tokenizer"],

@@ -3,6 +3,9 @@
 Run as:
     python -m vltrain.export ckpt_dir=outputs/<model>/<run>/checkpoint-100 merge_lora=true     # -> ...-merged
     python -m vltrain.export ckpt_dir=outputs/<model>/<run>/checkpoint-100 to=original         # -> ...-original
+        (a LoRA checkpoint on the language model only becomes an original-layout adapter; one that adapts the
+        vision tower or projector, or with merge_lora=true, is merged first; ms-swift and official LoRA
+        checkpoints are read too, `model.path=<base>` when their records point somewhere absent)
     python -m vltrain.export model=internvl2-8b model.path=/data/InternVL2-8B-hf to=original dst=/data/out
 
 Keys (conf/export.yaml): ckpt_dir, merge_lora, to (hf | original), dst, overwrite, max_shard_size. What each
@@ -46,7 +49,10 @@ def export_command(argv: list[str]) -> int:
         if not (options.ckpt_dir and options.merge_lora):
             raise ConfigError("to=hf exports a LoRA checkpoint merged: pass ckpt_dir=<checkpoint> merge_lora=true "
                               "(an original folder converts with python -m vltrain.convert)")
-        dst = export.merge_lora(options.ckpt_dir, options.dst, overwrite=options.overwrite, reuse=True)
+        from vltrain.model.adapters import given_model_path
+
+        dst = export.merge_lora(options.ckpt_dir, options.dst, overwrite=options.overwrite, reuse=True,
+                                model_path=given_model_path(argv))
         print(f"merged: {dst}")
         return 0
 
@@ -56,13 +62,23 @@ def export_command(argv: list[str]) -> int:
         ckpt = Path(options.ckpt_dir).resolve()
         dst = Path(options.dst) if options.dst else ckpt.with_name(ckpt.name + "-original")
         _check_dst(dst, options.overwrite)
+        from vltrain.model.adapters import given_model_path
+
         try:
-            model, tokenizer, run_cfg = load_checkpoint(ckpt)
+            model, tokenizer, run_cfg = load_checkpoint(ckpt, given_model_path(argv))
         except FileNotFoundError as e:
             raise ConfigError(f"ckpt_dir: {e}") from None
         if hasattr(model, "merge_and_unload"):
+            reason = "merge_lora=true" if options.merge_lora else export.original_adapter_refusal(model)
+            if reason is None:
+                notes = export.save_original_lora(model, tokenizer, run_cfg.model, dst, options.max_shard_size)
+                print(f"original-layout LoRA adapter: {dst}")
+                for note in notes:
+                    print(f"note: {note}")
+                return 0
             if run_cfg.model.load_in_8bit:
                 raise ConfigError("8-bit model: LoRA adapters cannot be folded into int8 weights")
+            print(f"note: merging the adapter into the weights: {reason}")
             model = model.merge_and_unload()
         model_cfg = run_cfg.model
     else:

@@ -5,6 +5,8 @@ Run as:
     python -m vltrain.infer ckpt_dir=... load_dataset_config=true                   # the held-out rows, scored
     python -m vltrain.infer ckpt_dir=... 'dataset.val=[my_val.jsonl]'              # other rows, scored
     python -m vltrain.infer ckpt_dir=... merge_lora=true                            # merge the adapters first
+    python -m vltrain.infer ckpt_dir=output/internvl2-8b/v0-.../checkpoint-100      # an ms-swift LoRA checkpoint
+    python -m vltrain.infer ckpt_dir=<ms-swift or official checkpoint> model.path=<its base>   # base moved
     python -m vltrain.infer model=internvl2-8b model.path=/data/InternVL2-8B        # a model folder
 
 Keys (conf/infer.yaml): ckpt_dir, load_dataset_config, merge_lora, overwrite, result_dir, batch_size, limit,
@@ -59,7 +61,10 @@ def infer_command(argv: list[str]) -> int:
 
     from vltrain.infer.session import open_session
 
-    session = open_session(cfg, options.ckpt_dir, options.merge_lora, options.overwrite, options.result_dir)
+    from vltrain.model.adapters import given_model_path
+
+    session = open_session(cfg, options.ckpt_dir, options.merge_lora, options.overwrite, options.result_dir,
+                           model_path=given_model_path(argv) if options.ckpt_dir else None)
     generation = options.generation()
     if options.load_dataset_config or val_given:
         from vltrain.infer.evaluate import evaluate, held_out_records

@@ -52,20 +52,22 @@ def place_on_device(model, device_map: str | dict | None = None):
 
 def open_session(cfg: TrainConfig | None = None, ckpt_dir: str | Path | None = None, merge_lora: bool = False,
                  overwrite: bool = False, result_dir: str | Path | None = None,
-                 device_map: str | dict | None = None) -> Session:
-    """Load for inference: the checkpoint `ckpt_dir` (its config wins over `cfg`), else `cfg`'s model."""
+                 device_map: str | dict | None = None, model_path: str | None = None) -> Session:
+    """Load for inference: the checkpoint `ckpt_dir` (its config wins over `cfg`), else `cfg`'s model.
+    `model_path`: the base of an ms-swift or official LoRA checkpoint whose records point somewhere absent."""
+    from vltrain.model.adapters import is_lora_checkpoint
     from vltrain.model.load import load_checkpoint, load_model_tokenizer, make_encoder
 
     if ckpt_dir is not None:
         ckpt = Path(ckpt_dir).resolve()
         if not ckpt.is_dir():
             raise ConfigError(f"ckpt_dir={ckpt_dir}: no such folder")
-        if merge_lora and (ckpt / "adapter_config.json").is_file():
+        if merge_lora and is_lora_checkpoint(ckpt):
             from vltrain.model.export import merge_lora as merge
 
-            ckpt = merge(ckpt, overwrite=overwrite, reuse=True)
+            ckpt = merge(ckpt, overwrite=overwrite, reuse=True, model_path=model_path)
         try:
-            model, tokenizer, ckpt_cfg = load_checkpoint(ckpt)
+            model, tokenizer, ckpt_cfg = load_checkpoint(ckpt, model_path)
         except FileNotFoundError as e:
             raise ConfigError(f"ckpt_dir: {e}") from None
         default_results = ckpt / "infer_result"

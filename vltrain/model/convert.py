@@ -312,6 +312,13 @@ def convert_tensor(name: str, tensor: torch.Tensor, layout: _Layout) -> list[tup
     return [(prefix + new, tensor)] if new else None
 
 
+def convert_rows(name: str, tensor: torch.Tensor, original: dict) -> list[tuple[str, torch.Tensor]] | None:
+    """`convert_tensor` of a tensor that holds the rows of the original tensor `name` (the weight itself, a LoRA B
+    of shape (out, r), a DoRA magnitude (out,)), for a checkpoint of config `original` (only its `llm_config`
+    architecture and head counts are read): the native (name, rows) pairs, None for a key with no native name."""
+    return convert_tensor(name, tensor, _layout(original))
+
+
 def _layout(original: dict) -> _Layout:
     llm = original.get("llm_config") or {}
     family = llm_family(llm)

@@ -65,7 +65,13 @@ class ExportError(ConfigError):
 
 
 def _adapter_digest(ckpt: Path) -> str:
+    from vltrain.model.adapters import foreign_format
+
     digest = hashlib.sha256()
+    if foreign_format(ckpt) is not None:  # ms-swift / official: every file by name, size and time
+        for f in sorted(p for p in ckpt.rglob("*") if p.is_file()):
+            digest.update(f"{f.relative_to(ckpt)}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+        return digest.hexdigest()
     for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
         if (ckpt / name).is_file():
             digest.update((ckpt / name).read_bytes())
@@ -85,22 +91,25 @@ def merged_folder_state(ckpt: Path, dst: Path) -> str:
 
 
 def merge_lora(ckpt_dir: str | Path, dst: str | Path | None = None, overwrite: bool = False,
-               reuse: bool = True) -> Path:
-    """Merge the LoRA checkpoint `ckpt_dir` into `dst` (default `<ckpt>-merged`); returns `dst`. An existing merge
-    of the same checkpoint is reused (`reuse`) unless `overwrite`; a folder made otherwise is refused."""
+               reuse: bool = True, model_path: str | None = None) -> Path:
+    """Merge the LoRA checkpoint `ckpt_dir` (vltrain's, or an ms-swift / official one on its base or `model_path`)
+    into `dst` (default `<ckpt>-merged`); returns `dst`. An existing merge of the same checkpoint is reused
+    (`reuse`) unless `overwrite`; a folder made otherwise is refused."""
     import yaml
 
     from vltrain.config import validate
+    from vltrain.model.adapters import foreign_format
     from vltrain.model.load import load_checkpoint
 
     ckpt = Path(ckpt_dir).resolve()
-    if not (ckpt / "adapter_config.json").is_file():
+    foreign = foreign_format(ckpt) is not None
+    if not foreign and not (ckpt / "adapter_config.json").is_file():
         raise ExportError(f"ckpt_dir={ckpt}: not a LoRA checkpoint (no adapter_config.json); a full checkpoint "
                           "is already an HF-native folder")
-    if not (ckpt / RUN_CONFIG).is_file():
+    if not foreign and not (ckpt / RUN_CONFIG).is_file():
         raise ExportError(f"ckpt_dir={ckpt}: not a vltrain checkpoint (no {RUN_CONFIG})")
-    cfg = validate(yaml.safe_load((ckpt / RUN_CONFIG).read_text(encoding="utf-8")))
-    if cfg.model.load_in_8bit or "int8" in cfg.model.name:
+    cfg = None if foreign else validate(yaml.safe_load((ckpt / RUN_CONFIG).read_text(encoding="utf-8")))
+    if cfg is not None and (cfg.model.load_in_8bit or "int8" in cfg.model.name):
         raise ExportError(f"model '{cfg.model.name}' has 8-bit weights: merging LoRA would fold fp deltas into int8 "
                           "weights and requantise them (changing the model). Train LoRA on the 16-bit model type "
                           "(internvl-chat-v1_5) to merge, or serve the adapters with the 8-bit base unmerged")
@@ -112,7 +121,7 @@ def merge_lora(ckpt_dir: str | Path, dst: str | Path | None = None, overwrite: b
     if state == "other" and not overwrite:
         raise ExportError(f"{dst} exists and was not merged from {ckpt}: pass overwrite=true to replace it, or "
                           "dst=<another folder>")
-    model, tokenizer, cfg = load_checkpoint(ckpt)
+    model, tokenizer, cfg = load_checkpoint(ckpt, model_path)
     model = model.merge_and_unload()
     tmp = dst.with_name(dst.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -384,4 +393,49 @@ def save_original(model, tokenizer, dst: str | Path, template: str, model_type: 
         notes.append("tokenizer written by transformers (no original base folder to copy its files from)")
     if not any(name.endswith(".py") for name in copied):
         notes.append(missing_code_message(hf_id))
+    return notes
+
+
+# ---- LoRA in the original layout -----------------------------------------------------------------------------
+
+
+def original_adapter_refusal(peft_model) -> str | None:
+    """Why the adapter of `peft_model` is exported merged rather than as an original-layout adapter (vLLM serves
+    LoRA on InternVL's language model only), or None."""
+    from vltrain.model.adapters import native_lora
+
+    lora = native_lora(peft_model)
+    parts = [what for prefix, what in (("model.vision_tower.", "the vision tower"),
+                                       ("model.multi_modal_projector.", "the projector"))
+             if any(m.startswith(prefix) for m in lora.modules)]
+    if parts:
+        return (f"the adapter also adapts {' and '.join(parts)}, and vLLM's LoRA serving of the original layout "
+                "takes adapters on the language model only")
+    if lora.trained:
+        return f"weights trained in full besides the adapter ({', '.join(sorted(lora.trained)[:3])})"
+    return None
+
+
+def save_original_lora(peft_model, tokenizer, model_cfg, dst: Path, max_shard_size: str = "5GB") -> list[str]:
+    """Write the LoRA adapter of `peft_model` in the original layout into `dst` (`vltrain.model.adapters.
+    to_original`: exact), naming its base: `model_cfg.path` when that is an original-layout folder, else the base
+    written in the original layout into `<dst>-base`. Returns notes for the user."""
+    from vltrain.model.adapters import native_lora, save_original_adapter, to_original
+
+    dst = Path(dst)
+    base = Path(model_cfg.path) if model_cfg.path and Path(model_cfg.path).is_dir() else None
+    text = peft_model.get_base_model().config.text_config
+    llm_arch = llm_architecture(model_cfg.name, base) or LLM_ARCHITECTURES.get(text.model_type, "")
+    if not llm_arch:
+        raise ExportError(f"unknown LLM class for model type {model_cfg.name!r}")
+    lora = to_original(native_lora(peft_model), peft_model.get_base_model(), llm_arch)
+    notes = []
+    if base is None or not is_original_layout(base):
+        base_dst = dst.with_name(dst.name + "-base")
+        notes += save_original(peft_model.unload(), tokenizer, base_dst, model_cfg.template, model_cfg.name,
+                               model_cfg.max_tiles, base=base, hf_id=model_cfg.hf_id, max_shard_size=max_shard_size)
+        notes.append(f"the base model, in the original layout: {base_dst}")
+        base = base_dst
+    save_original_adapter(lora, dst, str(Path(base).resolve()))
+    notes.append(f"original-layout adapter of rank {lora.r}, alpha {lora.alpha:g} on {len(lora.modules)} modules")
     return notes

@@ -581,11 +581,12 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def load_checkpoint(ckpt_dir: str | Path):
+def load_checkpoint(ckpt_dir: str | Path, model_path: str | None = None):
     """(model, tokenizer, TrainConfig) from a `checkpoint-<step>/` folder: LoRA adapters go onto their base model
     (named in the checkpoint's vltrain.yaml), full checkpoints load directly. A random base that is not where the
     run saved it (the checkpoint was copied elsewhere) is rebuilt from its architecture and seed, and must match
-    the digest the checkpoint recorded."""
+    the digest the checkpoint recorded. LoRA checkpoints of ms-swift and of the official scripts load too, their
+    adapters converted onto the base their records name, or `model_path` (`vltrain.model.adapters`)."""
     import dataclasses
     import json
 
@@ -593,8 +594,11 @@ def load_checkpoint(ckpt_dir: str | Path):
     from peft import PeftModel
 
     from vltrain.config import RUN_CONFIG, validate
+    from vltrain.model.adapters import foreign_format, load_foreign
 
     ckpt = Path(ckpt_dir)
+    if foreign_format(ckpt) is not None:
+        return load_foreign(ckpt, model_path)
     run_config = ckpt / RUN_CONFIG
     if not run_config.is_file():
         raise FileNotFoundError(f"{ckpt}: not a vltrain checkpoint (no {RUN_CONFIG})")

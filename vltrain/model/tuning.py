@@ -55,13 +55,18 @@ def lora_config(cfg: SftConfig) -> LoraConfig:
 
 
 def apply_sft(model: torch.nn.Module, cfg: SftConfig) -> torch.nn.Module:
-    """Return the model to train: a PeftModel for LoRA, or the model with frozen parts for full."""
+    """Return the model to train: a PeftModel for LoRA (continuing `cfg.init_adapter` when set), or the model with
+    frozen parts for full."""
     if cfg.name == "lora":
         if cfg.lora_experts and not any(n.endswith(tuple(EXPERT_WEIGHTS)) for n, _ in model.named_parameters()):
             raise ConfigError("sft_type.lora_experts: this model's LLM has no fused expert weights "
                               f"({', '.join(EXPERT_WEIGHTS)}); it applies to Qwen3-MoE and GPT-OSS LLMs")
         for p in model.parameters():
             p.requires_grad_(False)
+        if cfg.init_adapter:
+            from vltrain.model.adapters import start_from
+
+            return start_from(model, cfg.init_adapter)
         return get_peft_model(model, lora_config(cfg))
     frozen = {part for part, flag in (("vision", cfg.freeze_vision), ("llm", cfg.freeze_llm),
                                       ("projector", cfg.freeze_projector)) if flag}
