@@ -167,7 +167,8 @@ def run_check(cfg: TrainConfig, options: CheckOptions) -> CheckReport:
     read_errors: list[RecordError] = []
     train, val = load_splits(cfg.dataset, errors=read_errors)
     splits = {"train": train, "val": val}
-    print(f"model {cfg.model.name}: template {cfg.model.template}, {encoder.image_tokens_per_tile} tokens per "
+    template = cfg.model.template + (" (thinking)" if cfg.model.thinking else "")
+    print(f"model {cfg.model.name}: template {template}, {encoder.image_tokens_per_tile} tokens per "
           f"{encoder.tile_size} px tile, max_tiles {cfg.model.max_tiles}, data.max_length {cfg.data.max_length}")
     dump = open(options.dump, "w", encoding="utf-8") if options.dump else None  # noqa: SIM115
     try:
