@@ -34,4 +34,7 @@ def build_server(cfg: TrainConfig, options: ServeOptions):
 def serve(cfg: TrainConfig, options: ServeOptions) -> None:
     """Serve until interrupted (blocking)."""
     server = build_server(cfg, options)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down gracefully
+        log.info("stopped")
