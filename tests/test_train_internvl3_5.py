@@ -16,7 +16,7 @@ from vltrain.config import ConfigError, TrainConfig
 from vltrain.data.collator import model_inputs
 from vltrain.data.demo import write_demo_dataset
 from vltrain.model.load import load_checkpoint
-from vltrain.train.loss import weighted_lm_loss
+from vltrain.train.loss import recorded_router_logits, router_aux_loss, weighted_lm_loss
 from vltrain.train.recipe import build_trainer
 
 pytestmark = pytest.mark.slow
@@ -97,6 +97,38 @@ def test_qwen3_lora_checkpoint_reloads_tied(tmp_path, demo):
     base = model.get_base_model()
     assert base.lm_head.weight is base.model.language_model.embed_tokens.weight
     assert saved.loss_reduction == "square"
+
+
+@pytest.mark.parametrize("reduction", ["token", "square"])
+def test_moe_first_loss_adds_the_router_loss_per_micro_batch(tmp_path, demo, reduction):
+    """The first logged loss of a Qwen3-MoE run (2 accumulated packs): the language-model loss of the step (token:
+    the mean over both packs' trained tokens; square: the mean of each pack's weighted loss) plus the coefficient
+    times the mean of the packs' router losses, all computed here on the untrained model."""
+    cfg = run_config(tmp_path, demo, "qwen3_moe", "full", f"loss_reduction={reduction}")
+    trainer = build_trainer(cfg)
+    model = trainer.model
+    assert trainer.router_aux_coef == 0.02
+    batches = [trainer._prepare_inputs(b) for _, b in zip(range(2), trainer.get_train_dataloader())]
+    text = model.config.text_config
+    numerators, counts, aux = [], [], []
+    with torch.no_grad():
+        for b in batches:
+            with recorded_router_logits(model, text) as logits:
+                out = model(**{k: v for k, v in model_inputs(b).items() if k != "labels"}).logits
+            aux.append(router_aux_loss(logits, text))
+            if reduction == "square":
+                numerators.append(weighted_lm_loss(out, b["labels"], "square", b["sample_lengths"]))
+            else:
+                numerators.append(torch.nn.functional.cross_entropy(
+                    out[0, :-1], b["labels"][0, 1:], ignore_index=-100, reduction="sum"))
+                counts.append((b["labels"][0, 1:] != -100).sum())
+    lm = sum(numerators) / (sum(counts) if counts else 2)
+    expected = lm + 0.02 * sum(aux) / 2
+    trainer.train()
+    rows = [json.loads(line) for line in (Path(cfg.run_dir) / "logging.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if "loss" in r)
+    assert first["loss"] == pytest.approx(expected.item(), rel=1e-4)
+    assert first["router_aux_loss"] == pytest.approx((sum(aux) / 2).item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("llm", ["qwen3_moe", "gpt_oss"])
