@@ -176,3 +176,30 @@ def test_lora_experts_needs_experts_and_no_dropout(tmp_path, demo):
     cfg = run_config(tmp_path, demo, "qwen3", "lora", "sft_type.lora_experts=true", "sft_type.lora_dropout=0")
     with pytest.raises(ConfigError, match="no fused expert weights"):
         build_trainer(cfg)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("parallel", ["ddp", "zero3"])
+def test_square_loss_and_router_loss_on_two_processes(tmp_path, demo, parallel):
+    """Two gloo processes (torchrun; DDP, and ZeRO-3 with its partitioned routers): the weights' sum is averaged
+    across the ranks inside every micro-batch's loss and the router loss across the ranks at every log; both
+    collectives run on every rank in step."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vltrain",
+           *LLM["qwen3_moe"], f"parallel={parallel}", "sft_type=full", "dataset=custom", f"dataset.train=[{demo.train}]",
+           "dataset.val_ratio=0", "data.packing=true", "data.max_length=400", "loss_reduction=square",
+           "model.max_tiles=2", "global_batch_size=4", "trainer.max_steps=3", "trainer.logging_steps=1",
+           "trainer.save_steps=3", "trainer.dataloader_num_workers=0", f"hydra.run.dir={run}"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    logged = [json.loads(line) for line in (run / "logging.jsonl").read_text().splitlines()] \
+        if (run / "logging.jsonl").is_file() else []
+    assert (run / "checkpoint-3").is_dir(), (out.stdout + out.stderr)[-4000:]
+    assert next(r for r in logged if "world_size" in r)["world_size"] == 2
+    steps = [r for r in logged if "loss" in r]
+    assert len(steps) == 3 and all(torch.isfinite(torch.tensor([r["loss"], r["router_aux_loss"]])).all()
+                                   for r in steps), steps
