@@ -139,6 +139,18 @@ def test_ms_swift_regex_targets_become_explicit_native_modules(adapter_dirs):
 # ---- infer / convert / merge / export / train ---------------------------------------------------------------
 
 
+def test_infer_command_answers_with_an_ms_swift_checkpoint(tmp_path, adapter_dirs):
+    from vltrain.data.demo import write_demo_dataset
+    from vltrain.infer.__main__ import main as infer_main
+
+    demo = write_demo_dataset(tmp_path / "demo", n_train=2, n_val=2)
+    results = tmp_path / "results"
+    assert infer_main([f"ckpt_dir={adapter_dirs['qwen2/swift3+rslora']}", f"dataset.val=[{demo.val}]",
+                       "max_new_tokens=3", f"result_dir={results}"]) == 0
+    rows = [json.loads(line) for f in results.glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert len(rows) == 2 and all(isinstance(r["response"], str) for r in rows)
+
+
 def test_records_point_nowhere_then_model_path_is_the_base(tmp_path, makers, bases, adapter_dirs):
     folder = make(makers, bases, "qwen2/swift2-list", tmp_path / "moved", base_record="/nowhere/InternVL2-1B")
     with pytest.raises(AdapterError, match=r"not here .*sft_args.json model_id_or_path: /nowhere/InternVL2-1B.*"
@@ -151,13 +163,22 @@ def test_records_point_nowhere_then_model_path_is_the_base(tmp_path, makers, bas
     assert_golden(logits_of(model.to(DTYPE), "qwen2"), "qwen2/swift2-list")
 
 
-def test_official_checkpoint_checks_its_base_and_carries_the_trained_projector(adapter_dirs, native_bases, makers,
-                                                                              shared_tokenizers, tmp_path):
+def test_official_checkpoint_checks_its_base_and_carries_the_trained_projector(adapter_dirs, native_bases, bases,
+                                                                              makers, shared_tokenizers, tmp_path):
     name = "phi3/official"
     foreign = read_foreign(adapter_dirs[name])
     model, native = adapter_on(copy.deepcopy(native_bases["phi3"]), foreign)
     assert sorted(native.trained) == ["model.multi_modal_projector.linear_1.weight",
                                       "model.multi_modal_projector.linear_2.weight"]
+    assert_golden(logits_of(model, "phi3"), name)
+    # the base named by config.json's _name_or_path: the same, through load_foreign
+    folder = tmp_path / "named"
+    shutil.copytree(adapter_dirs[name], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "_name_or_path": str(bases["phi3"])}))
+    model, _, cfg = load_foreign(folder, dtype=DTYPE)
+    assert cfg.model.path == str(bases["phi3"].resolve())
+    assert "model.multi_modal_projector.linear_1" in model.peft_config["default"].modules_to_save
     assert_golden(logits_of(model, "phi3"), name)
     # a base_layer that is not the base's weight: another base
     other = makers[0].make_checkpoint("phi3", tmp_path / "other", shared_tokenizers, seed=1)
@@ -180,6 +201,20 @@ def test_convert_command_writes_a_checkpoint_plain_peft_loads(tmp_path, adapter_
     assert convert_main([f"src={bases['internlm2']}", f"dst={base_hf}", "dtype=fp32"]) == 0
     base = InternVLForConditionalGeneration.from_pretrained(base_hf, dtype=DTYPE)
     model = PeftModel.from_pretrained(base, dst).eval()
+    assert_golden(logits_of(model, "internlm2"), name)
+
+    # the converted checkpoint, moved onto the HF-native base, exports back: the base in the original layout too
+    import yaml
+
+    saved = yaml.safe_load((dst / "vltrain.yaml").read_text())
+    saved["model"]["path"] = str(base_hf)
+    (dst / "vltrain.yaml").write_text(yaml.safe_dump(saved))
+    back = tmp_path / "back"
+    assert export_main([f"ckpt_dir={dst}", "to=original", f"dst={back}"]) == 0
+    assert (tmp_path / "back-base" / "config.json").is_file()
+    assert json.loads((back / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        (tmp_path / "back-base").resolve())
+    model, _, _ = load_foreign(back, dtype=DTYPE)
     assert_golden(logits_of(model, "internlm2"), name)
 
 
@@ -210,25 +245,29 @@ def test_vision_or_projector_lora_exports_merged_and_says_why(tmp_path, adapter_
     assert (dst / "config.json").is_file() and not (dst / "adapter_config.json").exists()
 
 
-def test_stacked_export_after_training_is_exact(adapter_dirs, native_bases, tmp_path):
+@pytest.mark.parametrize("name, alpha", [("internlm2-vit6b-ps1/swift2-regex", 96.0),
+                                         ("internlm2/swift2-regex+dora", 96.0),
+                                         ("internlm2-vit6b-ps1/swift2-all+rslora", 32.0 * 3 ** 0.5)])
+def test_stacked_export_after_training_is_exact(adapter_dirs, native_bases, tmp_path, name, alpha):
     """Once trained, the q/k/v A's differ: the original adapter gets rank 3r (A stacked, B block-diagonal, alpha
-    tripled) and gives the same logits."""
-    name = "internlm2-vit6b-ps1/swift2-regex"
-    model, native = adapter_on(copy.deepcopy(native_bases["internlm2-vit6b-ps1"]), read_foreign(adapter_dirs[name]))
+    tripled, or times sqrt(3) with rsLoRA; DoRA magnitudes fused as the rows) and gives the same logits. The
+    vision tower's `attn.qkv` (ALL targets) is stacked the same way."""
+    family = GOLDEN["cases"][name]["family"]
+    model, native = adapter_on(copy.deepcopy(native_bases[family]), read_foreign(adapter_dirs[name]))
     generator = torch.Generator().manual_seed(3)
     for module, parts in native.modules.items():  # stand-in for training: the three A's move apart
         layer = model.get_submodule(f"base_model.model.{module}")
         with torch.no_grad():
             layer.lora_A["default"].weight.add_(0.05 * torch.randn(parts["lora_A"].shape, generator=generator,
                                                                    dtype=DTYPE))
-    expected = logits_of(model, "internlm2-vit6b-ps1")
-    lm_only = adapters.native_lora(model)
-    original = adapters.to_original(lm_only, model.get_base_model(), "InternLM2ForCausalLM")
-    assert original.r == 24 and original.alpha == 96.0
+    expected = logits_of(model, family)
+    original = adapters.to_original(adapters.native_lora(model), model.get_base_model(), "InternLM2ForCausalLM")
+    assert original.r == 24 and original.alpha == pytest.approx(alpha)
     adapters.save_original_adapter(original, tmp_path / "stacked", "unused")
     foreign = read_foreign(tmp_path / "stacked")
-    again, _ = adapter_on(copy.deepcopy(native_bases["internlm2-vit6b-ps1"]), foreign)
-    assert (logits_of(again, "internlm2-vit6b-ps1") - expected).abs().max() <= ATOL
+    assert set(foreign.lora.modules) == set(read_foreign(adapter_dirs[name]).lora.modules)
+    again, _ = adapter_on(copy.deepcopy(native_bases[family]), foreign)
+    assert (logits_of(again, family) - expected).abs().max() <= ATOL
 
 
 def test_training_continues_from_an_ms_swift_adapter(tmp_path, adapter_dirs, bases):
