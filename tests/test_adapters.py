@@ -151,6 +151,17 @@ def test_infer_command_answers_with_an_ms_swift_checkpoint(tmp_path, adapter_dir
     assert len(rows) == 2 and all(isinstance(r["response"], str) for r in rows)
 
 
+def test_python_api_puts_an_ms_swift_adapter_on_a_loaded_model(adapter_dirs, bases):
+    from vltrain import Swift, get_model_tokenizer, get_template, inference
+
+    model, tokenizer = get_model_tokenizer("internvl2-4b", torch.float32, model_id_or_path=str(bases["phi3"]))
+    model = Swift.from_pretrained(model, str(adapter_dirs["phi3/swift2-list"]))
+    assert_golden(logits_of(model.to(DTYPE), "phi3"), "phi3/swift2-list")  # bf16 base, fp32 adapter: exact in fp64
+    model.generation_config.max_new_tokens = 3
+    response, history = inference(model, get_template("internvl2-phi3", tokenizer), "Hello")
+    assert isinstance(response, str) and history[-1][0] == "Hello"
+
+
 def test_records_point_nowhere_then_model_path_is_the_base(tmp_path, makers, bases, adapter_dirs):
     folder = make(makers, bases, "qwen2/swift2-list", tmp_path / "moved", base_record="/nowhere/InternVL2-1B")
     with pytest.raises(AdapterError, match=r"not here .*sft_args.json model_id_or_path: /nowhere/InternVL2-1B.*"

@@ -10,7 +10,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # ms-swift's Python inference names (vltrain.api), imported on first use so that `import vltrain` stays cheap.
 _API = ("get_model_tokenizer", "get_default_template_type", "get_template", "inference", "inference_stream",
-        "ModelType", "seed_everything")
+        "ModelType", "seed_everything", "Swift")
 
 
 def __getattr__(name: str):

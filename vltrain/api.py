@@ -98,6 +98,34 @@ def get_model_tokenizer(model_type: str, torch_dtype: torch.dtype | None = None,
     return model, tokenizer
 
 
+class Swift:
+    """ms-swift's `Swift.from_pretrained(model, ckpt_dir)`: a LoRA checkpoint onto a model of `get_model_tokenizer`.
+
+        model, tokenizer = get_model_tokenizer('internvl2-8b', model_id_or_path='/data/InternVL2-8B')
+        model = Swift.from_pretrained(model, 'output/internvl2-8b/v0-20240901/checkpoint-300')
+
+    The checkpoint is ms-swift's (2.x peft or swift backend, 3.x), the official scripts' or vltrain's; foreign
+    adapters are converted exactly onto the native model (`vltrain.model.adapters`)."""
+
+    @staticmethod
+    def from_pretrained(model, model_id: str, inference_mode: bool = True, **kwargs):
+        from pathlib import Path
+
+        from peft import PeftModel
+
+        from vltrain.model.adapters import adapter_on, foreign_format, read_foreign
+
+        if foreign_format(model_id) is not None:
+            peft_model = adapter_on(model, read_foreign(model_id), trainable=not inference_mode)[0]
+        elif (Path(model_id) / "adapter_config.json").is_file():
+            peft_model = PeftModel.from_pretrained(model, model_id, is_trainable=not inference_mode)
+        else:
+            raise ValueError(f"{model_id}: not a LoRA checkpoint (vltrain, ms-swift or official InternVL)")
+        if inference_mode:
+            peft_model.eval()
+        return peft_model
+
+
 def get_default_template_type(model_type: str) -> str:
     """The template of a model type, as its model file names it (`internlm2-chat`, `Hermes-2`, `phi3-chat`)."""
     return _model_config(model_type, None).model.template
