@@ -6,6 +6,8 @@ Run as:
     python -m vltrain.check model=internvl2-8b dataset=custom dataset.train=[data.jsonl]   # same overrides as training
     python -m vltrain.check show=3                           # the first 3 samples, trained tokens marked
     python -m vltrain.check dump=samples.jsonl tiles_png=tiles/   # ids and labels of every sample; tiles as PNGs
+    python -m vltrain.check cache=info                       # the encode cache's entries, sizes, last use
+    python -m vltrain.check cache=clear                      # delete the entries no running job uses
 
 It prints rows per split, images, videos, tiles and tokens (min / median / max), rows over `data.max_length`, and
 every problem as `file:line: field: message`. Exit status: 0 when every record encodes, 1 when some do not, 2 for
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 from vltrain.cli import compose_command, run_command
-from vltrain.config import TrainConfig
+from vltrain.config import ConfigError, TrainConfig
 from vltrain.data.check import CheckReport, Outcome, check_splits
 from vltrain.data.dataset import load_splits, try_encode
 from vltrain.data.encode import IGNORE_INDEX, Encoder
@@ -155,6 +157,9 @@ class CheckOptions:
     sample."""
     tiles_png: str | None = None
     """Folder receiving one PNG grid of tiles per image: of the first `show` records, or of all when show=0."""
+    cache: str | None = None
+    """`info`: list the entries of the encode cache (`data.encode_cache`) and their sizes against
+    `data.encode_cache_max_gb`; `clear`: delete every entry no running job uses. Neither checks the data."""
 
 
 def compose_check(overrides: list[str]) -> tuple[TrainConfig, CheckOptions]:
@@ -194,8 +199,27 @@ def run_check(cfg: TrainConfig, options: CheckOptions) -> CheckReport:
     return report
 
 
+def cache_command(cfg: TrainConfig, action: str) -> int:
+    """`cache=info` or `cache=clear` on the encode cache of `cfg`."""
+    from vltrain.data.cache_store import EncodeCache, describe
+    from vltrain.data.dataset import DEFAULT_ENCODE_CACHE
+
+    if action not in ("info", "clear"):
+        raise ConfigError(f"cache: '{action}' is not one of info, clear")
+    cache = EncodeCache(cfg.data.encode_cache or DEFAULT_ENCODE_CACHE)
+    if action == "clear":
+        evicted, busy = cache.evict(0)
+        print(f"encode cache {cache.root}: deleted {len(evicted)} entries "
+              f"({sum(e.bytes for e in evicted) / 1e9:.2f} GB)"
+              + (f"; {len(busy)} in use by running jobs kept" if busy else ""))
+    print(describe(cache, cfg.data.encode_cache_max_gb))
+    return 0
+
+
 def check_command(argv: list[str]) -> int:
     cfg, options = compose_check(argv)
+    if options.cache is not None:
+        return cache_command(cfg, options.cache)
     report = run_check(cfg, options)
     return 0 if report.ok else 1
 

@@ -146,7 +146,14 @@ class DataConfig:
     encode_cache: str | None = None
     """Folder of encoded records (`encode: datasets`), shared across runs: an entry is keyed by the records, their
     media files (path, size, mtime), the encoder's settings, the tokenizer, the encoding code and library versions,
-    so a rerun on the same data opens it instead of encoding. None: ~/.cache/vltrain/encoded."""
+    so a rerun on the same data opens it instead of encoding. None: ~/.cache/vltrain/encoded. On several nodes
+    it may be shared (every rank opens rank 0's entry) or local to each node (each node's first process encodes
+    into its own folder, the others of that node open that entry)."""
+    encode_cache_max_gb: float | None = 100.0
+    """Size budget of `encode_cache` in GB: once a run has written its entry, least recently used entries are
+    deleted whole until the folder fits; an entry a running job uses is never deleted. null: no budget. Tiles
+    are stored uncompressed (about 4 MB per InternVL2-8B record of 7 tiles: 400 GB per 100k records); for data
+    beyond the disk, `encode: lazy`."""
     packing: bool = False
     """Pack several records into one sequence of up to `max_length` tokens (no record split; attention, positions
     and labels kept per record through `position_ids`). Batches, `global_batch_size` and the step count then
@@ -174,6 +181,9 @@ class DataConfig:
             raise ConfigError(f"data.video_frames must be >= 1, got {self.video_frames}")
         if self.num_proc < 1:
             raise ConfigError(f"data.num_proc must be >= 1, got {self.num_proc}")
+        if self.encode_cache_max_gb is not None and not self.encode_cache_max_gb > 0:
+            raise ConfigError(f"data.encode_cache_max_gb must be > 0 (or null: no budget), got "
+                              f"{self.encode_cache_max_gb}")
         if self.max_image_pixels < 1:
             raise ConfigError(f"data.max_image_pixels must be >= 1, got {self.max_image_pixels}")
         if self.max_video_frames < 1:

@@ -15,7 +15,9 @@ Samples reach the Trainer one of two ways (`data.encode`), giving identical tens
     Arrow file opened as an HF `datasets.Dataset` (memory-mapped) in a cache shared across runs
     (`data.encode_cache`), keyed by a fingerprint of the records, their media files, the encoder's settings, the
     tokenizer, the encoding code and library versions; the data check reads its sizes from them and
-    `PreEncodedDataset` serves the samples: no encoding per epoch, none at all on a rerun on the same data.
+    `PreEncodedDataset` serves the samples: no encoding per epoch, none at all on a rerun on the same data. The
+    cache keeps within `data.encode_cache_max_gb` (least recently used entries evicted whole, never one a running
+    job uses: `vltrain.data.cache_store`).
   - `lazy`: `EncodedDataset` encodes record i when the DataLoader asks for it (in its workers), every epoch.
 Tiles are kept and served as their uint8 pixels (0.6 MB per 448 px tile) and normalised by the trainer on its
 device (`VLTrainer._prepare_inputs`) by the function the encoder uses, so the floats are the same bits.
@@ -36,7 +38,6 @@ import logging
 import os
 import random
 import re
-import shutil
 import socket
 import urllib.parse
 from dataclasses import dataclass
@@ -573,11 +574,12 @@ def fingerprint(records: list[Record], encoder: Encoder) -> str:
 
 
 def encode_with_datasets(records: list[Record], encoder: Encoder, cache_dir: Path | None = None,
-                         num_proc: int = 1):
+                         num_proc: int = 1, max_gb: float | None = None):
     """Encode every record (in `num_proc` processes) into an Arrow file read back as an HF `datasets.Dataset`,
-    one row per record in order (`encode_row`). Cached under `cache_dir` (default: the HF datasets cache) by
-    `fingerprint`: a second call with the same records and settings only opens the file. Entries are never
-    deleted by vltrain (delete the folder to reclaim the space).
+    one row per record in order (`encode_row`). Cached under `cache_dir` (default `DEFAULT_ENCODE_CACHE`) by
+    `fingerprint`: a second call with the same records and settings only opens the file. The entry stays in use
+    (never evicted) while this process lives; after writing one, least recently used entries not in use are
+    evicted until the cache holds at most `max_gb` GB (`vltrain.data.cache_store`).
 
     Written by DataLoader worker processes (`parallel_map`) feeding one `ArrowWriter`, not with datasets'
     `Dataset.from_generator` / `Dataset.map(num_proc=...)`: with 2 processes those took 1.4-1.9x the CPU and wall
@@ -589,31 +591,25 @@ def encode_with_datasets(records: list[Record], encoder: Encoder, cache_dir: Pat
     import datasets
     from datasets.arrow_writer import ArrowWriter
 
-    root = Path(cache_dir or DEFAULT_ENCODE_CACHE).expanduser()
-    final = root / fingerprint(records, encoder)
-    if not (final / "complete.json").is_file():
-        tmp = root / f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        writer = ArrowWriter(features=_features(), path=str(tmp / "encoded.arrow"))
-        try:
-            rows = parallel_map(functools.partial(encode_row, encoder), records, num_proc)
-            for row in progress(rows, len(records), desc="encoding records", unit="records"):
-                writer.write_table(row_table(row))  # one record batch per row: a row can hold tens of MB of tiles
-            writer.finalize()
-        except BaseException:  # interrupted or failed: leave no partial copy (it can be GBs) behind
-            writer.close()
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        writer.close()
-        (tmp / "complete.json").write_text(json.dumps({"rows": len(records)}), encoding="utf-8")
-        try:
-            tmp.rename(final)  # atomic; fails when `final` exists (another process renamed its copy first)
-        except OSError:
-            if not (final / "complete.json").is_file():
-                raise
-            shutil.rmtree(tmp)
-    return datasets.Dataset.from_file(str(final / "encoded.arrow"))
+    from vltrain.data.cache_store import EncodeCache
+
+    cache = EncodeCache(cache_dir or DEFAULT_ENCODE_CACHE)
+    name = fingerprint(records, encoder)
+    entry = cache.open(name)
+    if entry is None:
+        sources = sorted({r.source for r in records})
+        with cache.writing(name, {"rows": len(records), "sources": sources}) as tmp:
+            writer = ArrowWriter(features=_features(), path=str(tmp / "encoded.arrow"))
+            try:
+                rows = parallel_map(functools.partial(encode_row, encoder), records, num_proc)
+                for row in progress(rows, len(records), desc="encoding records", unit="records"):
+                    writer.write_table(row_table(row))  # one record batch per row: a row can hold tens of MB
+                writer.finalize()
+            finally:
+                writer.close()
+        entry = cache.open(name)
+        cache.enforce(max_gb, keep=(name,))
+    return datasets.Dataset.from_file(str(entry / "encoded.arrow"))
 
 
 def row_to_sample(row, normalise: bool = True) -> Sample:

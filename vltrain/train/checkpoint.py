@@ -44,7 +44,7 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Keys a resume may change: how the run is logged, evaluated, saved and fed, not what it trains.
 HARMLESS_KEYS = {
     "run_dir", "resume", "resume_only_model", "resume_force", "on_nonfinite", "logger", "eval", "data.num_proc",
-    "data.media_cache", "data.url_timeout", "data.url_retries", "data.url_max_bytes", "trainer.logging_steps",
+    "data.encode_cache_max_gb", "data.media_cache", "data.url_timeout", "data.url_retries", "data.url_max_bytes", "trainer.logging_steps",
     "trainer.logging_first_step", "trainer.logging_strategy", "trainer.eval_steps", "trainer.eval_strategy",
     "trainer.eval_on_start", "trainer.save_steps", "trainer.save_strategy", "trainer.save_total_limit",
     "trainer.dataloader_num_workers", "trainer.dataloader_prefetch_factor", "trainer.dataloader_persistent_workers",

@@ -315,7 +315,7 @@ def prepare_data(cfg: TrainConfig, encoder: Encoder, run_dir: Path, write_skippe
     unique = list({id(r): r for rs in splits.values() for r in rs}.values())
     if cfg.data.encode == "datasets":  # on the ranks after the first, this opens the cache rank 0 wrote
         cache = Path(cfg.data.encode_cache or dataset_module.DEFAULT_ENCODE_CACHE).expanduser()
-        encoded = encode_with_datasets(unique, encoder, cache, cfg.data.num_proc)
+        encoded = encode_with_datasets(unique, encoder, cache, cfg.data.num_proc, cfg.data.encode_cache_max_gb)
         row_of = {id(r): i for i, r in enumerate(unique)}
     if verdict is not None:
         bad, tokens = verdict
