@@ -30,10 +30,10 @@ def demo(tmp_path_factory):
     return write_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=16, n_val=6)
 
 
-def make_lora_checkpoint(root: Path, demo, val: bool = True) -> Path:
+def make_lora_checkpoint(root: Path, demo, val: bool = True, extra: tuple[str, ...] = ()) -> Path:
     """A LoRA checkpoint as training writes one (adapters with non-zero B, tokenizer, vltrain.yaml, the random
-    base in the run folder), without the training steps."""
-    overrides = ["dataset=custom", f"dataset.train=[{demo.train}]", "dataset.val_ratio=0.25"]
+    base in the run folder), without the training steps. `extra`: more config overrides."""
+    overrides = ["dataset=custom", f"dataset.train=[{demo.train}]", "dataset.val_ratio=0.25", *extra]
     if val:
         overrides.append(f"dataset.val=[{demo.val}]")
     cfg = compose_config(overrides, run_dir=str(root))

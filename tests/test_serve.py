@@ -69,20 +69,48 @@ class LogRecords(logging.Handler):
         return "\n".join(r.getMessage() for r in self.records)
 
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    """Two LoRA checkpoints of one random base (b: a's adapters with lora_B negated) and the demo images."""
+def adapter_pair(root: Path, demo, extra: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """Two LoRA checkpoints of one random base: b has a's adapters with lora_B negated."""
     from safetensors.torch import load_file, save_file
 
-    root = tmp_path_factory.mktemp("serve")
-    demo = write_demo_dataset(root / "demo", n_train=16, n_val=6)
-    a = make_lora_checkpoint(root / "run", demo)
-    b = root / "run" / "checkpoint-2"
+    a = make_lora_checkpoint(root, demo, extra=extra)
+    b = root / "checkpoint-2"
     shutil.copytree(a, b)
     weights = load_file(b / "adapter_model.safetensors")
     save_file({k: -v if "lora_B" in k else v for k, v in weights.items()}, b / "adapter_model.safetensors")
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Two LoRA checkpoints of one base (LoRA on the LLM and the projector, the default) and the demo images."""
+    root = tmp_path_factory.mktemp("serve")
+    demo = write_demo_dataset(root / "demo", n_train=16, n_val=6)
+    a, b = adapter_pair(root / "run", demo)
     images = sorted((demo.train.parent / "images").iterdir())[:3]
-    return SimpleNamespace(a=a, b=b, base=root / "run" / "base_model", images=images, root=root)
+    return SimpleNamespace(a=a, b=b, base=root / "run" / "base_model", images=images, root=root, demo=demo)
+
+
+def start_server(overrides: list[str]):
+    """The real server (uvicorn in a thread); returns (namespace with base URL and client, stop function)."""
+    from vltrain.serve.server import build_server
+
+    cfg, options = compose_command(overrides, "serve", ServeOptions, run_dir="outputs/serve")
+    uv = build_server(cfg, options)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}"
+    client = openai.OpenAI(api_key=options.api_key or "none", base_url=base + "/v1", max_retries=0)
+
+    def stop():
+        uv.should_exit = True
+        thread.join(timeout=60)
+
+    return SimpleNamespace(base=base, client=client, app=uv.config.app), stop
 
 
 @pytest.fixture(scope="module")
@@ -106,30 +134,18 @@ def media_server():
 
 @pytest.fixture(scope="module")
 def server(ckpts):
-    """The real server (uvicorn in a thread) with adapters a and b of one base, a key and small limits."""
-    from vltrain.serve.server import build_server
-
+    """The server with adapters a and b of one base, a key and small limits; its log records collected."""
     logs = LogRecords()
     logging.getLogger().addHandler(logs)
     for name in ("vltrain.serve", "uvicorn"):
         logging.getLogger(name).setLevel(logging.INFO)
-    cfg, options = compose_command(
+    running, stop = start_server(
         [f"adapters={{a: {ckpts.a}, b: {ckpts.b}}}", "port=0", f"api_key={KEY}", f"max_tokens={MAX_TOKENS}",
          "max_tiles=8", "max_body_bytes=2000000", "media_max_bytes=500000", "media_timeout=1.0",
-         "media_allowed_hosts=[127.0.0.1]", "batch_wait_ms=50"], "serve", ServeOptions, run_dir="outputs/serve")
-    uv = build_server(cfg, options)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    port = uv.servers[0].sockets[0].getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    yield SimpleNamespace(base=base, client=openai.OpenAI(api_key=KEY, base_url=base + "/v1", max_retries=0),
-                          logs=logs, app=uv.config.app)
-    uv.should_exit = True
-    thread.join(timeout=60)
+         "media_allowed_hosts=[127.0.0.1]", "batch_wait_ms=50"])
+    running.logs = logs
+    yield running
+    stop()
     logging.getLogger().removeHandler(logs)
 
 
@@ -300,6 +316,43 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server):
         assert time.monotonic() < deadline + 60, "the request kept running after its client left"
         time.sleep(0.2)
     assert server.client.chat.completions.create(model="a", messages=[user("Still there?")]).choices
+
+
+def test_adapters_on_the_llm_only_share_generate_calls(ckpts, tmp_path):
+    """With LoRA in the language model only, requests for the base and two adapters go in ONE generate call
+    (peft's adapter_names), each row answered as its own checkpoint answers alone."""
+    from vltrain.infer.session import open_session
+
+    a, b = adapter_pair(tmp_path / "run", ckpts.demo,
+                        extra=("sft_type.lora_targets='.*language_model.*(q_proj|v_proj|down_proj)'",))
+    running, stop = start_server([f"adapters={{a: {a}, b: {b}}}", "port=0", "batch_wait_ms=1000",
+                                  f"max_tokens={MAX_TOKENS}"])
+    try:
+        assert running.app.state.batcher.served.mixed_batches
+        calls = metric(running.base, "vltrain_batch_size_count")
+        messages = [user(image_part(data_uri(ckpts.images[0].read_bytes())), "What is it?")]
+        replies: dict[str, str] = {}
+
+        def ask(name):
+            replies[name] = running.client.chat.completions.create(model=name, messages=messages).choices[0].message.content
+
+        threads = [threading.Thread(target=ask, args=(n,)) for n in ("tiny", "a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert metric(running.base, "vltrain_batch_size_count") - calls == 1
+    finally:
+        stop()
+    conversation = Conversation("<image>\nWhat is it?", images=[str(ckpts.images[0])])
+    for name, path in (("a", a), ("b", b)):
+        expected = open_session(ckpt_dir=path).engine.generate([conversation], max_new_tokens=MAX_TOKENS,
+                                                                do_sample=False)[0]
+        assert replies[name] == expected, name
+    session = open_session(ckpt_dir=a)
+    with session.model.disable_adapter():
+        base = session.engine.generate([conversation], max_new_tokens=MAX_TOKENS, do_sample=False)[0]
+    assert replies["tiny"] == base and len(set(replies.values())) == 3
 
 
 # ---------------------------------------------------------------- errors

@@ -5,8 +5,9 @@ Handlers encode a request (`Engine.encode`) and `submit` a `Job`; the worker thr
 sampling settings) with ONE `Engine.generate_ids` call, left padded as `vltrain.infer` batches. A stopping
 criterion (`_Rows`) sees every generated token of every row: it ends a row at its own `max_tokens`, stop words or
 the template's stop token, or when its client went away, streams the row's text to its handler, and the
-generate call returns when every row has ended. Rows of different adapters are not mixed in one call: peft's
-mixed-adapter batches do not reach LoRA on the projector or the vision tower, whose inputs are tiles, not rows.
+generate call returns when every row has ended. Rows of different adapters (and of the base) share one call
+through peft's mixed-adapter batches (`adapter_names`) when all LoRA layers are in the language model; LoRA on
+the projector or vision tower sees tiles, not rows, so there each served name gets calls of its own.
 
 Text is decoded by `Engine.decode` (cut at the stop token and stop words, stripped), so the final reply equals the
 Python API's for the same ids; a stream sends only text that cannot change any more (no half character, no
@@ -16,6 +17,7 @@ trailing whitespace, nothing that could begin a stop word), so its deltas add up
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -59,12 +61,12 @@ class Job:
     finished: bool = False
     released: bool = False
 
-    @property
-    def group(self) -> tuple:
-        """Jobs of one group share a generate call. A seeded sampling job is alone, so its seed decides."""
+    def group(self, mixed_models: bool) -> tuple:
+        """Jobs of one group share a generate call: one sampling setting, and one served name unless names mix
+        (`mixed_models`). A seeded sampling job is alone, so that its seed decides its reply."""
         sampling = tuple(sorted(self.sampling.items()))
         alone = self.number if self.seed is not None and self.sampling.get("do_sample") else None
-        return self.model, sampling, alone
+        return (None if mixed_models else self.model), sampling, alone
 
     def post(self, *event) -> None:
         try:
@@ -143,8 +145,9 @@ class Batcher:
                 self.cond.wait(left)
             if not self.pending:  # everything waiting was cancelled meanwhile
                 return []
-            group = self.pending[0].group
-            jobs = [j for j in self.pending if j.group == group][:self.max_batch_size]
+            mixed = self.served.mixed_batches
+            group = self.pending[0].group(mixed)
+            jobs = [j for j in self.pending if j.group(mixed) == group][:self.max_batch_size]
             for job in jobs:
                 self.pending.remove(job)
             self.running = len(jobs)
@@ -181,12 +184,16 @@ class Batcher:
         for job in jobs:
             job.words = job.stop_words + model_words
         self.metrics.batch_size.observe(len(jobs))
-        rows = _Rows(jobs, self)
-        with self.served.adapter_context(first.model):
+        extra = {"stopping_criteria": StoppingCriteriaList([_Rows(jobs, self)])}
+        if self.served.mixed_batches:
+            extra["adapter_names"] = self.served.adapter_names([j.model for j in jobs])
+            context = contextlib.nullcontext()
+        else:
+            context = self.served.adapter_context(first.model)
+        with context:
             if first.seed is not None:
                 torch.manual_seed(first.seed)
-            new = self.engine.generate_ids([j.sample for j in jobs], kwargs,
-                                           stopping_criteria=StoppingCriteriaList([rows]))
+            new = self.engine.generate_ids([j.sample for j in jobs], kwargs, **extra)
         for job, ids in zip(jobs, new):  # rows ended by generate itself (max_new_tokens) end here
             if not job.finished:
                 self._end(job, "length")

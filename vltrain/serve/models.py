@@ -30,10 +30,18 @@ class ServedModels:
     context_length: int
     """Most tokens of prompt plus reply."""
     created: int = field(default_factory=lambda: int(time.time()))
+    mixed_batches: bool = False
+    """Rows of different names may share one generate call (peft's `adapter_names`): every adapter's LoRA layers
+    are in the language model, whose inputs are the batch's rows. LoRA on the projector or vision tower sees
+    tiles instead, so there each name gets its own calls."""
 
     @property
     def takes_video(self) -> bool:
         return not self.cfg.model.merge_image_blocks
+
+    def adapter_names(self, names: list[str]) -> list[str]:
+        """peft's `adapter_names` of a mixed batch: each row's adapter, `__base__` for the base."""
+        return [self.names[n] or "__base__" for n in names]
 
     def adapter_context(self, name: str):
         """A context in which the model generates as `name` (an adapter set active, or the adapters disabled)."""
@@ -59,8 +67,20 @@ def load_served(cfg: TrainConfig, options: ServeOptions) -> ServedModels:
         names = {options.served_model_name or ckpt_cfg.model.name: None}
     text_config = getattr(engine.model.config, "text_config", engine.model.config)
     context = options.max_model_len or getattr(text_config, "max_position_embeddings", None) or 4096
-    log.info("serving %s (context %d tokens)", ", ".join(names), context)
-    return ServedModels(engine, ckpt_cfg, names, context)
+    mixed = len(names) > 1 and _lora_in_llm_only(engine.model)
+    log.info("serving %s (context %d tokens%s)", ", ".join(names), context,
+             "; names mixed in one batch" if mixed else "")
+    return ServedModels(engine, ckpt_cfg, names, context, mixed_batches=mixed)
+
+
+def _lora_in_llm_only(model) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    from vltrain.model.tuning import part_of
+
+    prefix = "base_model.model."
+    layers = [name.removeprefix(prefix) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    return bool(layers) and all(part_of(name) == "llm" for name in layers)
 
 
 def _load_adapters(options: ServeOptions):
