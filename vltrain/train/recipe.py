@@ -276,8 +276,10 @@ def check_data(point: ResumePoint, manifest: dict, force: bool) -> None:
 
 def prepare_data_once(cfg: TrainConfig, encoder: Encoder, run_dir: Path):
     """`prepare_data` on rank 0 first (reading the records, hub downloads, the data check; with `data.encode=
-    datasets` the encoding into the shared cache), then on the other ranks, which take rank 0's verdict on bad
-    rows instead of checking again. They wait up to `parallel.wait_minutes`, whatever the collective timeout."""
+    datasets` the encoding into the cache), then on each other node's local rank 0 (which encodes into its own
+    cache folder when that is not shared with rank 0), then on the remaining ranks, which open their node's entry.
+    All take rank 0's verdict on bad rows instead of checking again, and wait up to `parallel.wait_minutes`,
+    whatever the collective timeout."""
     minutes = cfg.parallel.wait_minutes
     verdict = None
     result = None
@@ -291,6 +293,11 @@ def prepare_data_once(cfg: TrainConfig, encoder: Encoder, run_dir: Path):
     verdict = parallel.broadcast_from_rank0(verdict, minutes)
     if verdict[0] == "error":
         raise verdict[1]
+    # Then each node's first process before the rest of its node: where the encode cache folder is not shared
+    # with rank 0 (no shared filesystem) a node encodes once, not once per rank; a shared one opens rank 0's entry.
+    with parallel.rank0_first(minutes, local=True) as first:
+        if first and result is None:
+            result = prepare_data(cfg, encoder, run_dir, write_skipped=False, verdict=verdict[1])
     if result is None:
         result = prepare_data(cfg, encoder, run_dir, write_skipped=False, verdict=verdict[1])
     return result[:3]
