@@ -255,8 +255,9 @@ def test_stop_words_seed_and_temperature(server):
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == cut.choices[0].message.content
     short = server.client.chat.completions.create(model="a", messages=messages, max_tokens=2)
     assert short.usage.completion_tokens == 2 and short.choices[0].finish_reason == "length"
-    zero = server.client.chat.completions.create(model="a", messages=messages, temperature=0)
-    assert zero.choices[0].message.content == text
+    for temperature in (0, 1e-9):  # greedy
+        zero = server.client.chat.completions.create(model="a", messages=messages, temperature=temperature)
+        assert zero.choices[0].message.content == text
     sampled = [server.client.chat.completions.create(model="a", messages=messages, temperature=1.5, top_p=0.9,
                                                      seed=7).choices[0].message.content for _ in range(2)]
     assert sampled[0] == sampled[1]
@@ -385,6 +386,9 @@ ERRORS = [
     ("temperature too high", chat(user("hi"), temperature=3), KEY, 400, None, "temperature"),
     ("max_tokens 0", chat(user("hi"), max_tokens=0), KEY, 400, None, "max_tokens"),
     ("n=2", chat(user("hi"), n=2), KEY, 400, "unsupported_parameter", "n"),
+    ("seed out of range", chat(user("hi"), seed=2**70), KEY, 400, None, "seed"),
+    ("stop not text", chat(user("hi"), stop=[1, 2]), KEY, 400, None, "stop[0]"),
+    ("content of the wrong type", chat({"role": "user", "content": 5}), KEY, 400, None, "messages[0].content"),
     ("tools", chat(user("hi"), tools=[{"type": "function", "function": {"name": "f"}}]), KEY, 400,
      "unsupported_parameter", "tools"),
     ("unknown role", chat({"role": "tool", "content": "x"}), KEY, 400, None, "messages[0].role"),

@@ -99,6 +99,12 @@ def create_app(served: ServedModels, options: ServeOptions) -> FastAPI:
         message = f"{request.method} {request.url.path}: {error.detail}"
         return await api_error(request, APIError(error.status_code, message, "invalid_request_error", None, code))
 
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception):  # a fault of the server, logged with its traceback
+        log.exception("%s %s: %s", request.method, request.url.path, type(error).__name__, exc_info=error)
+        metrics.requests.labels(request.url.path, "500").inc()
+        return error_response(APIError(500, f"internal error ({type(error).__name__})", "server_error"))
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError):
         return await api_error(request, bad_request(str(error.errors()[0].get("msg", error))))
@@ -269,11 +275,15 @@ def _media_error(error: Exception, parts: list[tuple[str, str, str]]) -> APIErro
     return bad_request(f"messages: {field}: {message}", param="messages")
 
 
+GREEDY_BELOW = 1e-5
+"""A temperature under this is greedy decoding (dividing logits by it would overflow)."""
+
+
 def _sampling(chat: schemas.ChatRequest) -> dict:
     """Absent temperature: the model's generation config (greedy for vltrain's models); 0: greedy."""
     if chat.temperature is None:
         return {} if chat.top_p is None else {"top_p": chat.top_p}
-    if chat.temperature == 0:
+    if chat.temperature < GREEDY_BELOW:
         return {"do_sample": False}
     return {"do_sample": True, "temperature": chat.temperature, "top_p": chat.top_p or 1.0}
 
