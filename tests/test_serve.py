@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -263,11 +264,16 @@ def test_stop_words_seed_and_temperature(server):
     assert sampled[0] == sampled[1]
 
 
-def test_video_as_data_uri(server, tmp_path):
+def test_video_as_data_uri_and_url(server, media_server, tmp_path):
     clip = write_video(tmp_path / "clip.mp4", 40)
-    reply = server.client.chat.completions.create(model="a", messages=[user(
-        {"type": "video_url", "video_url": {"url": data_uri(clip.read_bytes(), "video/mp4")}}, "What happens?")])
-    assert reply.usage.prompt_tokens_details.image_tokens == 8 * 64  # 8 frames, one tile each
+    before = set(Path(tempfile.gettempdir()).glob("vltrain-serve-*"))
+    media_server.routes["/clip.mp4"] = lambda h, n: send(h, clip.read_bytes(), content_type="video/mp4")
+    replies = [server.client.chat.completions.create(model="a", messages=[user(
+        {"type": "video_url", "video_url": {"url": url}}, "What happens?")])
+        for url in (data_uri(clip.read_bytes(), "video/mp4"), media_server.url("/clip.mp4"))]
+    assert replies[0].usage.prompt_tokens_details.image_tokens == 8 * 64  # 8 frames, one tile each
+    assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+    assert set(Path(tempfile.gettempdir()).glob("vltrain-serve-*")) <= before  # the temporary files are gone
 
 
 def test_eight_concurrent_streams_share_generate_calls(server, reference, ckpts):
