@@ -549,3 +549,23 @@ def test_configuration_errors(ckpts, tmp_path, capsys):
     cfg, options = compose_command([f"adapters={{a: {ckpts.root}}}"], "serve", ServeOptions, run_dir="outputs/serve")
     with pytest.raises(ConfigError, match="adapters.a=.*: not a vltrain LoRA checkpoint"):
         load_served(cfg, options)
+
+
+def test_local_media_only_when_allowed(tmp_path):
+    import asyncio
+
+    from vltrain.serve.media import host_allowed, resolve
+    from vltrain.serve.schemas import APIError
+
+    image = tmp_path / "red.png"
+    image.write_bytes(png())
+    parts = [("image", str(image), "p0"), ("image", image.as_uri(), "p1")]
+    allowed = asyncio.run(resolve(parts, ServeOptions(allow_local_media=True), client=None))
+    assert allowed.images == [str(image), str(image)]
+    with pytest.raises(APIError, match="p0: .*allow_local_media=true"):
+        asyncio.run(resolve(parts, ServeOptions(), client=None))
+    with pytest.raises(APIError, match="no such file"):
+        asyncio.run(resolve([("image", "relative.png", "p")], ServeOptions(allow_local_media=True), client=None))
+    assert host_allowed("https://img.example.com/a.png", ["*.example.com"])
+    assert not host_allowed("https://example.com.evil.org/a.png", ["*.example.com", "example.com"])
+    assert host_allowed("http://anything/", [])
