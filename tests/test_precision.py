@@ -18,16 +18,17 @@ def gpu(monkeypatch):
     """Make torch see one CUDA GPU of the given compute capability; bf16 *emulation* works on it, as on a real
     V100 / T4 (torch's `_check_bf16_tensor_supported` creates a bf16 tensor there successfully)."""
 
-    def make(major: int, minor: int):
-        monkeypatch.setattr(torch.version, "hip", None)
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-        monkeypatch.setattr(torch.cuda, "get_device_properties",
-                            lambda device=None: types.SimpleNamespace(major=major, minor=minor, name="mock"))
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
-        monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+    return lambda major, minor: mock_gpu(monkeypatch, major, minor)
 
-    return make
+
+def mock_gpu(patch, major: int, minor: int) -> None:
+    patch.setattr(torch.version, "hip", None)
+    patch.setattr(torch.cuda, "is_available", lambda: True)
+    patch.setattr(torch.cuda, "current_device", lambda: 0)
+    patch.setattr(torch.cuda, "get_device_properties",
+                  lambda device=None: types.SimpleNamespace(major=major, minor=minor, name="mock"))
+    patch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+    patch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
 
 
 @pytest.mark.parametrize(("capability", "expected"), [
@@ -90,3 +91,25 @@ def test_inference_autocasts_an_fp32_model_in_the_same_dtype(gpu, monkeypatch, c
     with engine._InferenceMode(model):
         assert not model.training
     assert used == [("cuda", expected)]
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((7, 5), torch.float16), ((8, 0), torch.bfloat16)])
+def test_checkpoints_load_for_inference_in_the_auto_dtype(monkeypatch, tmp_path, capability, expected):
+    """`load_checkpoint` (what `vltrain.infer`, evaluation and the server load through) picks the dtype with the
+    same function. The GPU is mocked only while the dtype is chosen: the weights themselves load on this CPU."""
+    from tests.test_infer import make_lora_checkpoint
+    from vltrain.data.demo import write_demo_dataset
+    from vltrain.model import load
+
+    ckpt = make_lora_checkpoint(tmp_path / "run", write_demo_dataset(tmp_path / "demo", n_train=4, n_val=2))
+    choose = load.resolve_dtype
+
+    def on_the_gpu(name):
+        with pytest.MonkeyPatch.context() as patch:
+            mock_gpu(patch, *capability)
+            return choose(name)
+
+    monkeypatch.setattr(load, "resolve_dtype", on_the_gpu)
+    model, _, cfg = load.load_checkpoint(ckpt)
+    assert cfg.model.dtype == "auto"
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {expected}
