@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -67,6 +68,14 @@ if where == "rotate":
             die()
         return rotate(run_dir, *args, **kwargs)
     trainer.rotate = rotate_then_die
+if os.environ.get("SAMPLE_PIDS"):  # record the processes that make samples (they create the shared memory)
+    import vltrain.data.dataset as dataset
+    ready = dataset.ready_data_process
+    def ready_recorded():
+        with open(os.environ["SAMPLE_PIDS"], "a") as pids:
+            pids.write(f"{os.getpid()}\n")
+        ready()
+    dataset.ready_data_process = ready_recorded
 from vltrain.__main__ import entry
 sys.argv = ["vltrain", *sys.argv[1:]]
 entry()
@@ -89,8 +98,30 @@ def overrides(demo, sft: str) -> list[str]:
     ]
 
 
+def torch_segments(pids: set[int]) -> set[str]:
+    """The /dev/shm segments torch's `file_system` sharing strategy made in the processes `pids`
+    (`torch_<pid>_<random>_<counter>`)."""
+    names = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
+    return {n for n in names if (m := re.fullmatch(r"torch_(\d+)_\d+_\d+", n)) and int(m[1]) in pids}
+
+
+def sample_pids(run_dir: Path) -> set[int]:
+    path = run_dir.parent / "sample_pids.txt"
+    return {int(line) for line in path.read_text().split()} if path.is_file() else set()
+
+
+def assert_no_shared_memory_left(run_dir: Path, before: set[str]) -> None:
+    """No segment of this run's sample-making processes is left in /dev/shm (torch's shared-memory manager unlinks
+    them once its clients are gone, within a moment of the last one's end)."""
+    pids = sample_pids(run_dir)
+    deadline = time.monotonic() + 30
+    while (left := torch_segments(pids) - before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"{len(left)} shared-memory segments left in /dev/shm: {sorted(left)[:5]}"
+
+
 def launch(run_dir: Path, args: list[str], kill: tuple[str, int] | None = None, resume: bool = False):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SAMPLE_PIDS": str(run_dir.parent / "sample_pids.txt")}
     if kill and kill[0] != "time":
         env |= {"KILL_WHERE": kill[0], "KILL_STEP": str(kill[1])}
     cmd = [sys.executable, "-c", RUNNER, *args, f"hydra.run.dir={run_dir}", *(["resume=auto"] if resume else [])]
@@ -146,6 +177,7 @@ def kill_plan(seed: int) -> list[tuple[str, int]]:
 def check_killed_and_resumed(tmp_path, tmp_path_factory, demo, sft: str, seed: int) -> None:
     args = overrides(demo, sft)
     run_dir = tmp_path / "run"
+    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     plan = kill_plan(seed)
     for i, kill in enumerate(plan):
         code, out = launch(run_dir, args, kill, resume=i > 0)
@@ -170,6 +202,9 @@ def check_killed_and_resumed(tmp_path, tmp_path_factory, demo, sft: str, seed: i
     assert steps == list(range(1, MAX_STEPS + 1)), f"plan {plan}: logged steps {steps}"
     assert not (run_dir / ".staging").exists()
     assert [p.name for p in run_dir.glob("checkpoint-*")] == [f"checkpoint-{MAX_STEPS}"]  # save_total_limit=1
+    if sft == "lora":  # fed by a DataLoader worker: tensors reach the trainer through /dev/shm
+        assert sample_pids(run_dir), "no sample-making process was recorded"
+    assert_no_shared_memory_left(run_dir, before)
 
 
 # seed 7: killed while writing checkpoint-4's optimizer state, then inside step 5 (LoRA, one DataLoader worker);
@@ -197,10 +232,13 @@ def test_ddp_killed_run_resumes_bitwise(tmp_path, tmp_path_factory, demo):
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER, encoding="utf-8")
 
+    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
     def torchrun(run_dir: Path, extra: list[str], kill: tuple[str, int] | None = None):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(runner), *args,
                f"hydra.run.dir={run_dir}", *extra]
         kill_env = {"KILL_WHERE": kill[0], "KILL_STEP": str(kill[1])} if kill else {}
+        kill_env["SAMPLE_PIDS"] = str(run_dir.parent / "sample_pids.txt")
         proc = subprocess.run(cmd, cwd=run_dir.parent, env={**env, **kill_env}, capture_output=True, text=True,
                               timeout=600)
         return proc.returncode, proc.stdout + proc.stderr
@@ -216,3 +254,5 @@ def test_ddp_killed_run_resumes_bitwise(tmp_path, tmp_path_factory, demo):
     assert code == 0, out[-3000:]
     got, expected = final_weights(run_dir, "lora"), final_weights(ref_dir, "lora")
     assert all((got[k] == expected[k]).all() for k in expected)
+    assert sample_pids(run_dir)
+    assert_no_shared_memory_left(run_dir, before)  # both ranks and their workers were SIGKILLed once
