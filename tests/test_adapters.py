@@ -229,6 +229,19 @@ def test_convert_command_writes_a_checkpoint_plain_peft_loads(tmp_path, adapter_
     assert_golden(logits_of(model, "internlm2"), name)
 
 
+def test_converted_official_checkpoint_reloads_with_its_trained_projector(tmp_path, adapter_dirs, bases):
+    from vltrain.model.load import load_checkpoint
+
+    name = "llama/official"
+    dst = tmp_path / "lora"
+    assert convert_main([f"src={adapter_dirs[name]}", f"dst={dst}", f"model.path={bases['llama']}"]) == 0
+    assert json.loads((dst / "adapter_config.json").read_text())["modules_to_save"] == [
+        "model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"]
+    model, _, cfg = load_checkpoint(dst)
+    assert cfg.model.path == str(bases["llama"])
+    assert_golden(logits_of(model.to(DTYPE), "llama"), name)
+
+
 def test_merge_and_export_back_to_the_original_layout(tmp_path, adapter_dirs, bases, capsys):
     from vltrain.model.load import load_checkpoint
 
@@ -281,6 +294,7 @@ def test_stacked_export_after_training_is_exact(adapter_dirs, native_bases, tmp_
     assert (logits_of(again, family) - expected).abs().max() <= ATOL
 
 
+@pytest.mark.slow
 def test_training_continues_from_an_ms_swift_adapter(tmp_path, adapter_dirs, bases):
     from vltrain.cli import compose_config
     from vltrain.data.demo import write_demo_dataset

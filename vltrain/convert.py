@@ -1,16 +1,16 @@
-"""Convert command: an original InternVL checkpoint folder -> an HF-native InternVLForConditionalGeneration folder.
+"""Convert command: an original InternVL checkpoint folder -> an HF-native InternVLForConditionalGeneration folder;
+an ms-swift or official InternVL LoRA checkpoint -> a vltrain LoRA checkpoint folder.
 
 Run as:
     python -m vltrain.convert src=path/to/InternVL2-8B dst=path/to/InternVL2-8B-hf
     python -m vltrain.convert src=... dst=... dtype=fp32 template=internlm2-chat tokenizer=path/to/tokenizer
-
     python -m vltrain.convert src=output/internvl2-8b/v0-.../checkpoint-100 dst=path/to/lora [model.path=<base>]
 
-Keys and defaults: vltrain/conf/convert.yaml. A LoRA checkpoint of ms-swift (2.x, 3.x, `tuner_backend swift`) or of
-the official scripts becomes a vltrain checkpoint folder (`vltrain.model.adapters.convert_adapter`). The output loads with plain transformers
+Keys and defaults: vltrain/conf/convert.yaml. The converted model folder loads with plain transformers
 (`InternVLForConditionalGeneration.from_pretrained(dst)`, `AutoTokenizer.from_pretrained(dst)`), except that a
 `ps_version: v1` checkpoint must be loaded through vltrain, and a `phi3-chat` one's tokenizer too for the ids the
-official training used (see vltrain.model.convert).
+official training used (see vltrain.model.convert). A LoRA checkpoint of ms-swift (2.x, 3.x, `tuner_backend
+swift`) or of the official scripts becomes a vltrain checkpoint (`vltrain.model.adapters.convert_adapter`).
 """
 
 from __future__ import annotations
