@@ -29,6 +29,20 @@ ATOL = 1e-5
 DTYPE = torch.float64  # the golden values' dtype (scripts/golden/adapters.md)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _converted_cache_in_tmp(tmp_path_factory):
+    """Official checkpoints' extracted bases go to a temporary folder, never the user's cache."""
+    import os
+
+    old = os.environ.get("VLTRAIN_CONVERTED_CACHE")
+    os.environ["VLTRAIN_CONVERTED_CACHE"] = str(tmp_path_factory.mktemp("converted"))
+    yield
+    if old is None:
+        os.environ.pop("VLTRAIN_CONVERTED_CACHE", None)
+    else:
+        os.environ["VLTRAIN_CONVERTED_CACHE"] = old
+
+
 @pytest.fixture(scope="module")
 def makers():
     maker = _load_maker()

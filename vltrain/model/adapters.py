@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,8 +89,8 @@ class ForeignCheckpoint:
     base_records: list[tuple[str, str]]
     """(where, recorded base path or hub id), in the order they are trusted"""
     model_type: str | None = None
-    base_state: dict[str, torch.Tensor] | None = None
-    """official: every non-LoRA tensor of the whole-model checkpoint, unwrapped to original names"""
+    base_state: Mapping[str, torch.Tensor] | None = None
+    """official: every non-LoRA tensor of the whole-model checkpoint, unwrapped to original names (read lazily)"""
     lora_base_keys: set[str] = field(default_factory=set)
     """official: the keys of `base_state` that came from peft's `base_layer` (must equal the base)"""
     dataset: list[str] = field(default_factory=list)
@@ -243,28 +244,68 @@ def read_foreign(path: str | Path) -> ForeignCheckpoint:
     return ForeignCheckpoint(path, fmt, _lora(modules, settings), records, model_type, dataset=dataset)
 
 
+class _ShardTensors(Mapping):
+    """Tensors by key, read from their safetensors shard only when asked for (an official checkpoint's base weights
+    are as large as the model); tensors of `.bin` shards are held as torch.load memory-maps them."""
+
+    def __init__(self):
+        self._where: dict[str, tuple[Path, str] | torch.Tensor] = {}
+
+    def add(self, key: str, source: tuple[Path, str] | torch.Tensor) -> None:
+        self._where[key] = source
+
+    def shard_of(self, key: str) -> str:
+        source = self._where[key]
+        return source[0].name if isinstance(source, tuple) else "in-memory"
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        source = self._where[key]
+        if isinstance(source, torch.Tensor):
+            return source
+        from safetensors import safe_open
+
+        with safe_open(str(source[0]), framework="pt") as f:
+            return f.get_tensor(source[1])
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
 def _read_official(path: Path, read_shard, shard_files) -> ForeignCheckpoint:
     """The whole-model checkpoint of the official trainer: peft-wrapped LLM (`language_model.base_model.model.`)
     and vision tower (`vision_model.base_model.model.`), LoRA as `<m>.lora_A.default.weight`, the targeted
     layers' own weights as `<m>.base_layer.<leaf>`; alpha = 2 r (the model class's wrap_llm_lora /
-    wrap_backbone_lora)."""
+    wrap_backbone_lora). Only the LoRA tensors are read now; the others when they are compared or written."""
+    from safetensors import safe_open
+
     config = _read_json(path / "config.json")
-    state = {}
+    lora_state = {}
+    base_state, lora_base_keys = _ShardTensors(), set()
     for file in shard_files(path):
-        state.update(read_shard(file))
-    unwrapped = {}
-    for key, tensor in state.items():
-        for part in ("language_model.", "vision_model."):
-            if key.startswith(part + "base_model.model."):
-                key = part + key.removeprefix(part + "base_model.model.")
-        unwrapped[key] = tensor
-    modules, other = _group(unwrapped, path)
-    base_state, lora_base_keys = {}, set()
-    for key, tensor in other.items():
-        if ".base_layer." in key:
-            key = key.replace(".base_layer.", ".")
-            lora_base_keys.add(key)
-        base_state[key] = tensor
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                entries = {key: (file, key) for key in f.keys()}
+        else:
+            entries = read_shard(file)
+        for key, source in entries.items():
+            name = key
+            for part in ("language_model.", "vision_model."):
+                if name.startswith(part + "base_model.model."):
+                    name = part + name.removeprefix(part + "base_model.model.")
+            if _LORA_KEY.match(name):
+                lora_state[name] = source
+                continue
+            if ".base_layer." in name:
+                name = name.replace(".base_layer.", ".")
+                lora_base_keys.add(name)
+            base_state.add(name, source)
+    lazy = _ShardTensors()
+    for name, source in lora_state.items():
+        lazy.add(name, source)
+    modules, _ = _group({name: lazy[name] for name in lora_state}, path)
     ranks, alphas = {}, {}
     llm_r, vision_r = int(config.get("use_llm_lora") or 0), int(config.get("use_backbone_lora") or 0)
     for module in modules:
@@ -667,8 +708,17 @@ def _extracted_base(foreign: ForeignCheckpoint) -> Path:
             config = _read_json(src / "config.json")
             config.update(use_llm_lora=0, use_backbone_lora=0)
             (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-            save_file({k: v.contiguous() for k, v in foreign.base_state.items()}, str(dst / "model.safetensors"),
-                      metadata={"format": "pt"})
+            by_shard: dict[str, list[str]] = {}
+            for key in foreign.base_state:
+                by_shard.setdefault(foreign.base_state.shard_of(key), []).append(key)
+            weight_map = {}
+            for i, keys in enumerate(by_shard.values()):  # one source shard in memory at a time
+                name = f"model-{i + 1:05d}-of-{len(by_shard):05d}.safetensors"
+                save_file({k: foreign.base_state[k].contiguous() for k in keys}, str(dst / name),
+                          metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(keys, name))
+            (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                         indent=2) + "\n", encoding="utf-8")
             (dst / ".complete").write_text(str(src) + "\n", encoding="utf-8")
     return dst
 
