@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from tests.test_convert import GOLDEN as CONVERT_GOLDEN
 from tests.test_convert import _load_maker, model_inputs, vltrain_tokenizer
-from vltrain.convert import main as convert_main
-from vltrain.export import main as export_main
+from vltrain.cli.convert import main as convert_main
+from vltrain.cli.export import main as export_main
 from vltrain.model import adapters
 from vltrain.model.adapters import AdapterError, adapter_on, load_foreign, read_foreign
 from vltrain.model.convert import load_original
@@ -154,8 +154,8 @@ def test_ms_swift_regex_targets_become_explicit_native_modules(adapter_dirs):
 
 
 def test_infer_command_answers_with_an_ms_swift_checkpoint(tmp_path, adapter_dirs):
+    from vltrain.cli.infer import main as infer_main
     from vltrain.data.demo import write_demo_dataset
-    from vltrain.infer.__main__ import main as infer_main
 
     demo = write_demo_dataset(tmp_path / "demo", n_train=2, n_val=2)
     results = tmp_path / "results"
@@ -310,7 +310,7 @@ def test_stacked_export_after_training_is_exact(adapter_dirs, native_bases, tmp_
 
 @pytest.mark.slow
 def test_training_continues_from_an_ms_swift_adapter(tmp_path, adapter_dirs, bases):
-    from vltrain.cli import compose_config
+    from vltrain.config import compose_config
     from vltrain.data.demo import write_demo_dataset
     from vltrain.train.recipe import build_trainer
 

@@ -10,29 +10,22 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from vltrain.cli import compose_config
-from vltrain.config import ConfigError
+from vltrain.config import ConfigError, compose_config
 from vltrain.data.collator import collate
 from vltrain.data.dataset import load_splits
 from vltrain.data.demo import write_demo_dataset
-from vltrain.model.load import load_checkpoint, make_encoder
-from vltrain.train import checkpoint as ckpt_mod
-from vltrain.train.checkpoint import (
+from vltrain.manifest import (
     COMPLETE_FILE,
-    CheckpointError,
-    ResumePoint,
     complete_checkpoints,
     data_manifest,
     find_resume_point,
     manifest_changes,
     newest_checkpoint,
-    publish,
-    resumed_config,
-    rotate,
-    staging_dir,
 )
+from vltrain.model.load import load_checkpoint, make_encoder
+from vltrain.train import checkpoint as ckpt_mod
+from vltrain.train.checkpoint import CheckpointError, publish, rotate, staging_dir
 
 
 def stage(run_dir: Path, step: int, payload: bytes = b"weights") -> Path:
@@ -104,30 +97,28 @@ def test_manifest_names_what_changed(tmp_path):
     assert any("a.jsonl changed" in c for c in changes) and any("held-out split changed" in c for c in changes)
 
 
-def saved_point(tmp_path: Path, cfg) -> ResumePoint:
-    from vltrain.train.run import run_config_yaml
+def save_config_checkpoint(tmp_path: Path, cfg) -> Path:
+    """A complete checkpoint-4 whose saved config is `cfg`'s."""
+    from vltrain.config import run_config_yaml
 
-    ckpt = make_checkpoint(tmp_path, 4)
-    (ckpt / "vltrain.yaml").write_text(run_config_yaml(cfg))
-    return ResumePoint(tmp_path, ckpt, yaml.safe_load(run_config_yaml(cfg)))
+    return publish(stage(tmp_path, 4), tmp_path, {"vltrain.yaml": run_config_yaml(cfg)}, 4, 1, "single")
 
 
 def test_resume_keeps_what_is_trained_and_allows_harmless_changes(tmp_path):
     cfg = compose_config(["trainer.max_steps=10"], run_dir=str(tmp_path))
-    point = saved_point(tmp_path, cfg)
-    harmless = compose_config(["trainer.max_steps=20", "trainer.logging_steps=1", "trainer.save_steps=3",
-                               "trainer.dataloader_num_workers=0", "eval.generate_samples=2", "resume=auto"],
-                              run_dir=str(tmp_path))
-    resumed = resumed_config(harmless, point)
+    save_config_checkpoint(tmp_path, cfg)
+    # the one resolution of a resumed run: the saved config, the command line's harmless keys, refusals
+    resumed = compose_config(["trainer.max_steps=20", "trainer.logging_steps=1", "trainer.save_steps=3",
+                              "trainer.dataloader_num_workers=0", "eval.generate_samples=2", "resume=auto"],
+                             run_dir=str(tmp_path))
     assert resumed.trainer["max_steps"] == 20 and resumed.trainer["logging_steps"] == 1
     for override, key in [("sft_type=full", "sft_type.name"), ("trainer.learning_rate=1e-3", "learning_rate"),
                           ("trainer.per_device_train_batch_size=2", "per_device_train_batch_size"),
                           ("model.max_tiles=2", "model.max_tiles"), ("dataset.val_ratio=0.1", "val_ratio")]:
         with pytest.raises(ConfigError, match=key):
-            resumed_config(compose_config(["trainer.max_steps=10", override, "resume=auto"], run_dir=str(tmp_path)),
-                           point)
+            compose_config(["trainer.max_steps=10", override, "resume=auto"], run_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="already at step 4"):
-        resumed_config(compose_config(["trainer.max_steps=3", "resume=auto"], run_dir=str(tmp_path)), point)
+        compose_config(["trainer.max_steps=3", "resume=auto"], run_dir=str(tmp_path))
 
 
 def test_resume_from_checkpoint_key_points_to_resume():

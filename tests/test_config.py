@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vltrain.cli import check_overrides, compose_config
-from vltrain.config import ConfigError, TrainConfig, training_defaults, validate
+from vltrain.config import ConfigError, TrainConfig, check_overrides, compose_config, training_defaults, validate
 
 CONF = Path(__file__).resolve().parents[1] / "vltrain" / "conf"
 

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer, InternVLForConditionalGeneration
 
+from vltrain.cli.convert import main as convert_main
 from vltrain.config import SftConfig
-from vltrain.convert import main as convert_main
 from vltrain.data.templates import IGNORE_INDEX, get_template, render, starts_with_bos
 from vltrain.model import convert
 from vltrain.model.convert import (

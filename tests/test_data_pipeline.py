@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from vltrain.cli import compose_config
+from vltrain.config import compose_config
 from vltrain.data import dataset as ds
 from vltrain.data.dataset import PackedDataset, share_cores
 from vltrain.data.demo import write_demo_dataset
@@ -79,13 +79,11 @@ def test_torch_threads_leave_the_workers_their_cores(monkeypatch):
     before = torch.get_num_threads()
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
         assert share_cores(1) == 3 and torch.get_num_threads() == 3
         assert share_cores(8) == 1
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on the machine: two cores each
-        assert share_cores(1) == 1 and share_cores(0) == 2
-        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+        assert share_cores(1, local_processes=2) == 1 and share_cores(0, local_processes=2) == 2  # two ranks
+        # on the machine: two cores each
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         torch.set_num_threads(2)
         assert share_cores(1) == 2  # an explicit setting is kept

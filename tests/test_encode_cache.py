@@ -151,7 +151,7 @@ def test_encoding_keeps_the_cache_within_its_budget(tmp_path, monkeypatch):
     """Three runs on different records with a budget that holds two of their entries: the first is evicted when
     the third is written; a run whose entry alone exceeds the budget keeps it while it runs."""
     import vltrain.data.dataset as ds
-    from vltrain.cli import compose_config
+    from vltrain.config import compose_config
     from vltrain.data.demo import write_demo_dataset
     from vltrain.data.records import read_records
     from vltrain.model.load import make_encoder
@@ -177,7 +177,7 @@ def test_encoding_keeps_the_cache_within_its_budget(tmp_path, monkeypatch):
 
 
 def test_check_command_lists_and_clears_the_cache(tmp_path, holder, capsys):
-    from vltrain.check import main as check_main
+    from vltrain.cli.check import main as check_main
 
     cache = EncodeCache(tmp_path / "cache")
     now = time.time()

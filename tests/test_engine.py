@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vltrain.cli import compose_config
+from vltrain.config import compose_config
 from vltrain.data.records import Record
 from vltrain.infer.engine import answer_records, exact_match
 from vltrain.model.load import load_model_tokenizer, make_encoder

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from vltrain.cli import compose_config
+from vltrain.config import compose_config
 from vltrain.data.demo import write_demo_dataset
 from vltrain.data.records import Record, read_records
 from vltrain.infer import evaluate as evaluation

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_convert import FAMILIES, GOLDEN, _load_maker, model_inputs, vltrain_tokenizer
-from vltrain.cli import compose_config
-from vltrain.export import main as export_main
+from vltrain.cli.export import main as export_main
+from vltrain.config import compose_config
 from vltrain.model.convert import load_original, shard_files, split_grouped_qkv
 from vltrain.model.export import fuse_grouped_qkv, original_state_dict, save_original
 from vltrain.model.load import load_model_tokenizer

@@ -13,7 +13,7 @@ import huggingface_hub
 import pytest
 
 from tests.test_convert import GOLDEN, _load_maker
-from vltrain.export import main as export_main
+from vltrain.cli.export import main as export_main
 from vltrain.model.original import is_original_layout
 
 REPO = "OpenGVLab/InternVL2-8B"

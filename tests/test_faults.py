@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vltrain.cli import compose_config
+from vltrain.config import compose_config
 from vltrain.data.demo import write_demo_dataset
-from vltrain.train.checkpoint import complete_checkpoints
+from vltrain.manifest import complete_checkpoints
 from vltrain.train.recipe import build_trainer
 from vltrain.train.trainer import NumericalFault
 

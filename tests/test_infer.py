@@ -12,17 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from vltrain.cli import compose_config
-from vltrain.config import RUN_CONFIG
+from vltrain.cli.infer import main as infer_main
+from vltrain.config import compose_config, run_config_yaml
 from vltrain.data.demo import write_demo_dataset
 from vltrain.data.records import Record, read_records
-from vltrain.infer.__main__ import main as infer_main
 from vltrain.infer.engine import Conversation, Engine, reference_answers
 from vltrain.infer.evaluate import CJKTokenizer, grounding_iou, held_out_records, parse_boxes, score
+from vltrain.manifest import RUN_CONFIG
 from vltrain.model.export import merge_lora
 from vltrain.model.load import load_checkpoint, load_model_tokenizer, make_encoder
 from vltrain.model.tuning import apply_sft
-from vltrain.train.run import run_config_yaml
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +165,7 @@ def test_the_manifest_of_a_run_on_relative_paths_names_the_held_out_rows(tmp_pat
     import dataclasses
 
     from vltrain.data.dataset import load_splits
-    from vltrain.train.checkpoint import data_manifest
+    from vltrain.manifest import data_manifest
 
     ckpt = make_lora_checkpoint(tmp_path / "run", demo, val=False)
     _, _, cfg = load_checkpoint(ckpt)

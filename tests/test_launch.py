@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vltrain.cli import compose_config
-from vltrain.config import ConfigError
+from vltrain.config import ConfigError, compose_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_local_rank_never_reaches_hydra(monkeypatch):
-    from vltrain.__main__ import strip_local_rank
+    from vltrain.cli import strip_local_rank
 
     monkeypatch.setenv("LOCAL_RANK", "unset")  # recorded, so that what strip_local_rank sets is undone
     monkeypatch.delenv("LOCAL_RANK")
@@ -34,28 +33,28 @@ def test_local_rank_never_reaches_hydra(monkeypatch):
 
 
 def test_nproc_per_node_builds_torchrun(monkeypatch):
-    from vltrain.__main__ import launch_request
+    from vltrain.cli.train import launch_request
 
     monkeypatch.setenv("LOCAL_RANK", "unset")
     monkeypatch.delenv("LOCAL_RANK")
-    monkeypatch.setattr(sys, "argv", ["vltrain", "parallel=zero2", "sft_type=full"])
+    argv = ["parallel=zero2", "sft_type=full"]
     monkeypatch.setenv("NPROC_PER_NODE", "2")
-    cmd = launch_request()
+    cmd = launch_request(argv)
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--nproc_per_node=2" in cmd and "--standalone" in cmd
     assert cmd[-4:] == ["-m", "vltrain", "parallel=zero2", "sft_type=full"]
     for key, value in {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "node0", "MASTER_PORT": "29600"}.items():
         monkeypatch.setenv(key, value)
-    cmd = launch_request()
+    cmd = launch_request(argv)
     assert {"--nnodes=2", "--node_rank=1", "--master_addr=node0", "--master_port=29600"} <= set(cmd)
     monkeypatch.delenv("MASTER_ADDR")
     with pytest.raises(ConfigError, match="MASTER_ADDR"):
-        launch_request()
+        launch_request(argv)
     monkeypatch.delenv("NPROC_PER_NODE")
     with pytest.raises(ConfigError, match="NNODES=2 without NPROC_PER_NODE"):
-        launch_request()  # several nodes asked for, one process started: refused, not ignored
+        launch_request(argv)  # several nodes asked for, one process started: refused, not ignored
     monkeypatch.setenv("LOCAL_RANK", "0")  # already one of torchrun's processes: nothing to start
-    assert launch_request() is None
+    assert launch_request(argv) is None
 
 
 def test_slurm_job_runs_torchrun_on_every_node(monkeypatch, tmp_path):

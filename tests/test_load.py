@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vltrain.cli import compose_config
-from vltrain.config import ConfigError
+from vltrain.config import ConfigError, compose_config
 from vltrain.model import load
+from vltrain.model.catalog import MODEL_TYPES, PUBLISHED_PARAMS_B, count_parameters, load_model_config
 from vltrain.model.geometry import model_geometry
 from vltrain.model.internvl import InternVLPsV1ForConditionalGeneration, drop_path_rates
 from vltrain.model.load import (
@@ -24,7 +24,6 @@ from vltrain.model.load import (
     load_model_tokenizer,
     load_tokenizer_for,
 )
-from vltrain.models import MODEL_TYPES, PUBLISHED_PARAMS_B, count_parameters, load_model_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -142,7 +142,7 @@ def test_matches_the_official_formula(reduction):
 
 def test_packed_square_loss_equals_the_padded_one():
     """The same records, packed in one row (positions restarting) or padded in rows, give one square loss."""
-    from vltrain.cli import compose_config
+    from vltrain.config import compose_config
     from vltrain.model.load import load_model_tokenizer
 
     cfg = compose_config(["model.arch.llm.model_type=qwen3", "+model.arch.llm.head_dim=24"])

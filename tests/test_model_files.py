@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from vltrain.cli import compose_config
-from vltrain.models import (
+from vltrain.config import compose_config
+from vltrain.model.catalog import (
     MODEL_TYPES,
     PUBLISHED_PARAMS_B,
     count_parameters,

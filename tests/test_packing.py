@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from vltrain.cli import compose_config
+from vltrain.config import compose_config
 from vltrain.data.collator import Collator, collate, collate_packed, model_inputs
 from vltrain.data.dataset import EncodedDataset, PackedDataset, load_splits, pack_groups
 from vltrain.data.demo import write_demo_dataset

@@ -11,8 +11,7 @@ import pytest
 import torch
 from accelerate.utils import compute_module_sizes
 
-from vltrain.cli import compose_config
-from vltrain.config import ConfigError, SftConfig
+from vltrain.config import ConfigError, SftConfig, compose_config
 from vltrain.model.load import INT8_SKIP_MODULES, load_model, load_tokenizer_for, planning_model
 from vltrain.train.parallel import parse_size, placement_units, plan_device_map
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vltrain.plan import OVERHEAD, GiB, compose_plan, count_parameters, estimate
+from vltrain.cli.plan import compose_plan
+from vltrain.train.memory import OVERHEAD, GiB, count_parameters, estimate
 
 REPO = Path(__file__).resolve().parent.parent
 

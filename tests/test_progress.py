@@ -88,7 +88,7 @@ class _Terminal(io.StringIO):
 
 def test_training_draws_bars_only_on_a_terminal(tmp_path, monkeypatch):
     """Off a terminal the Trainer prints each logged step as a line (no carriage-return bars in log files)."""
-    from vltrain.cli import compose_config
+    from vltrain.config import compose_config
     from vltrain.train.recipe import build_training_arguments
 
     cfg = compose_config([], run_dir=str(tmp_path / "run"))

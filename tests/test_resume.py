@@ -76,7 +76,7 @@ if os.environ.get("SAMPLE_PIDS"):  # record the processes that make samples (the
             pids.write(f"{os.getpid()}\n")
         ready()
     dataset.ready_data_process = ready_recorded
-from vltrain.__main__ import entry
+from vltrain.cli import entry
 sys.argv = ["vltrain", *sys.argv[1:]]
 entry()
 """

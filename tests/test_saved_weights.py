@@ -9,8 +9,7 @@ import pytest
 import torch
 from transformers import InternVLForConditionalGeneration
 
-from vltrain.cli import compose_config
-from vltrain.config import ConfigError
+from vltrain.config import ConfigError, compose_config
 from vltrain.model.load import load_model, load_saved_weights, load_tokenizer_for
 from vltrain.train.trainer import VLTrainer
 

@@ -30,7 +30,7 @@ httpx2 = pytest.importorskip("httpx2")
 
 from tests.test_infer import make_lora_checkpoint  # noqa: E402
 from tests.test_media import Server, send, write_video  # noqa: E402
-from vltrain.cli import compose_command, compose_config  # noqa: E402
+from vltrain.config import compose_command, compose_config  # noqa: E402
 from vltrain.data.demo import write_demo_dataset  # noqa: E402
 from vltrain.infer.engine import Conversation, Engine  # noqa: E402
 from vltrain.serve.options import ServeOptions  # noqa: E402
@@ -529,7 +529,7 @@ def test_command_queue_limit_and_graceful_shutdown(ckpts, tmp_path):
 
 
 def test_configuration_errors(ckpts, tmp_path, capsys):
-    from vltrain.serve.__main__ import main
+    from vltrain.cli.serve import main
     from vltrain.serve.models import load_served
 
     assert main(["max_queue=0"]) == 2 and "max_queue must be >= 1" in capsys.readouterr().err

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vltrain.cli import check_overrides, compose_config, settle_run_dir
-from vltrain.config import ConfigError
+from vltrain.cli.train import settle_run_dir
+from vltrain.config import ConfigError, check_overrides, compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

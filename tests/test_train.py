@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vltrain.cli import compose_config
-from vltrain.config import TrainConfig
+from vltrain.config import TrainConfig, compose_config
 from vltrain.data.collator import collate
 from vltrain.data.dataset import load_splits
 from vltrain.data.demo import write_demo_dataset

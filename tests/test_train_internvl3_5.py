@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vltrain.cli import compose_config
-from vltrain.config import ConfigError, TrainConfig
+from vltrain.config import ConfigError, TrainConfig, compose_config
 from vltrain.data.collator import model_inputs
 from vltrain.data.demo import write_demo_dataset
 from vltrain.model.load import load_checkpoint

@@ -4,8 +4,7 @@
 import pytest
 import torch
 
-from vltrain.cli import compose_config
-from vltrain.config import SftConfig
+from vltrain.config import SftConfig, compose_config
 from vltrain.model.load import load_model_tokenizer
 from vltrain.model.tuning import PARTS, apply_sft, part_of, trainable_summary
 
@@ -58,7 +57,7 @@ def test_lora_prints_no_future_warning(tmp_path):
     import subprocess
     import sys
 
-    code = ("from vltrain.cli import compose_config\n"
+    code = ("from vltrain.config import compose_config\n"
             "from vltrain.config import SftConfig\n"
             "from vltrain.model.load import load_model_tokenizer\n"
             "from vltrain.model.tuning import apply_sft\n"

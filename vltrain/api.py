@@ -57,7 +57,7 @@ _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def _model_config(model_type: str, model_id_or_path: str | None):
-    from vltrain.cli import compose_config
+    from vltrain.config import compose_config
 
     overrides = [f"model={model_type}", "dataset=custom", "dataset.train=[unused.jsonl]"]
     if model_id_or_path is not None:

@@ -1,22 +1,26 @@
-"""Typed configuration: the dataclass schema every entry point validates its Hydra config into.
+"""Typed configuration: the dataclass schema, and the one resolution of a command's final config.
 
-Hydra stops at the entry points: `python -m vltrain` composes YAML from `vltrain/conf/`, then `validate()` turns
-the plain dict into these dataclasses. An unknown key or a wrong type is one `ConfigError` that names the key and
-suggests the closest valid one. Everything below the entry points takes these dataclasses, never a DictConfig.
+Every command takes the same overrides: `check_overrides` refuses a misspelt key before Hydra composes the YAML
+of `vltrain/conf/` (with the closest valid key), and `resolve_config` turns the composed config into these
+dataclasses: the command line, over the saved config of a resumed run, over the defaults, with a resume's refusal
+rules and a new run's refusal of a folder that holds another run. `compose_config` / `compose_command` compose
+and resolve without a Hydra job (the commands other than train, tests, the Python API); the train command
+resolves what its Hydra job composed. An unknown key or a wrong type is one `ConfigError` that names the key and
+suggests the closest valid one. Everything below the commands takes these dataclasses, never a DictConfig.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
-
-RUN_CONFIG = "vltrain.yaml"
-"""The resolved TrainConfig, saved in the run folder and in every checkpoint (what reloading it needs)."""
 
 
 class ConfigError(ValueError):
@@ -493,3 +497,219 @@ def schema_keys(cls=TrainConfig, prefix: str = "") -> set[str]:
         if dataclasses.is_dataclass(hints[f.name]):
             keys |= schema_keys(hints[f.name], f"{prefix}{f.name}.")
     return keys
+
+
+# ---- composing: command-line overrides -> a composed plain dict ---------------------------------------------------
+
+GROUPS = ("model", "dataset", "sft_type", "parallel", "logger", "recipe")
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def _is_hydra_key(key: str) -> bool:
+    return key in GROUPS or key.startswith(("hydra.", "hydra/"))
+
+
+def check_overrides(argv: Iterable[str], extra_keys: Iterable[str] = ()) -> None:
+    """Reject a misspelt command-line key or group option before Hydra composes, with the closest valid one.
+    `extra_keys`: keys a command takes besides the TrainConfig schema (`vltrain check`'s `show`)."""
+    known = schema_keys() | {f"trainer.{k}" for k in training_argument_names()} | set(extra_keys)
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key in GROUPS:
+            check_group_option(key, value)
+            continue
+        if _is_hydra_key(key) or key in known or key.startswith("model.arch."):  # arch: a free-form dict
+            continue
+        raise ConfigError(f"{key}: unknown config key{suggest(key, known | set(GROUPS))}")
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group: the YAML files in `vltrain/conf/<group>/`."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def check_group_option(group: str, value: str) -> None:
+    """`model=internvl2_8b`: one line with the closest option, instead of Hydra's page-long message."""
+    if group == "recipe" or "(" in value or value in ("null", ""):  # sweeps such as choice(...) left to Hydra
+        return
+    options = group_options(group)
+    for option in value.split(","):  # a multirun sweep: lora,full
+        if option not in options:
+            raise ConfigError(f"{group}={option}: no such {group}{suggest(option, options)}; "
+                              f"options: {', '.join(options)}")
+
+
+def add_or_override(argv: Iterable[str]) -> list[str]:
+    """`key=value` -> `++key=value` for schema keys, so that a key the YAML files leave to its dataclass default
+    (`data.on_error`, `data.num_proc`, ...) can be set like any other (plain `key=` is only for keys in the YAML)."""
+    out = []
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        plain = "=" in arg and not arg.startswith(("-", "+", "~"))
+        out.append(f"++{arg}" if plain and not _is_hydra_key(key) else arg)
+    return out
+
+
+def compose(overrides: Iterable[str] = (), config_name: str = "train", extra_keys: Iterable[str] = (),
+            run_dir: str | None = None) -> dict[str, Any]:
+    """`conf/<config_name>.yaml` with the overrides, as a plain dict, without starting a Hydra job. `run_dir` None
+    keeps the composed one (Hydra's run folder is only known inside a job)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from omegaconf import OmegaConf
+
+    overrides = list(overrides)
+    check_overrides(overrides, extra_keys)
+    with initialize_config_module("vltrain.conf", version_base="1.3"):
+        head = [f"run_dir={run_dir or 'outputs/composed'}"]
+        cfg = hydra_compose(config_name, overrides=[*head, *add_or_override(overrides)])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+# ---- resolving: a composed dict (+ a resumed run's saved config) -> the TrainConfig --------------------------------
+
+
+def resolve_config(composed: Any, given: Iterable[str] = (), extra_keys: Iterable[str] = (),
+                   new_run: bool = True) -> tuple[TrainConfig, dict[str, Any]]:
+    """THE final config of a command: (TrainConfig, the command's own keys `extra_keys`, apart).
+
+    `composed`: what Hydra composed (a DictConfig or plain dict); `given`: the overrides the command line gave.
+    A resumed run (`resume` set) starts from the config its checkpoint saved, takes only the keys on the command
+    line, and refuses those that change what is trained (`resumed_config`). A new training run (`new_run`)
+    refuses a run folder that holds another run (on the main process: the others may already see its files)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    data = OmegaConf.to_container(composed, resolve=True) if isinstance(composed, DictConfig) else dict(composed)
+    extras = {k: data.pop(k) for k in extra_keys if k in data}
+    data.pop("recipe", None)
+    if data.get("resume") in (None, "", "null"):
+        cfg = validate(data)
+        if new_run:
+            from vltrain.context import process
+            from vltrain.manifest import refuse_existing_run
+
+            if process().is_main:
+                refuse_existing_run(Path(cfg.run_dir))
+        return cfg, extras
+    from vltrain.manifest import find_resume_point
+
+    point = find_resume_point(data["resume"], data["run_dir"])
+    if point.saved is None:  # a run that never saved its config starts from the composed one
+        return validate(data), extras
+    # the saved config, with the keys given on the command line; what an earlier resume saved does not carry over
+    merged = {**copy.deepcopy(point.saved), "run_dir": data["run_dir"], "resume": data["resume"],
+              "resume_only_model": False, "resume_force": False}
+    for arg in given:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if "=" not in arg or key.startswith("hydra") or key in ("recipe", "run_dir", *extra_keys):
+            continue
+        node_saved, node_new, parts = merged, data, key.split(".")
+        for part in parts[:-1]:
+            node_saved = node_saved.setdefault(part, {})
+            node_new = node_new.get(part, {}) if isinstance(node_new, dict) else {}
+        if isinstance(node_new, dict) and parts[-1] in node_new:
+            node_saved[parts[-1]] = node_new[parts[-1]]
+    return resumed_config(validate(merged), point), extras
+
+
+def compose_config(overrides: Iterable[str] = (), run_dir: str = "outputs/composed") -> TrainConfig:
+    """The TrainConfig `vltrain train <overrides>` trains, in folder `run_dir` (tests and the Python API)."""
+    overrides = list(overrides)
+    return resolve_config(compose(overrides, run_dir=run_dir), overrides)[0]
+
+
+def compose_command(overrides: Iterable[str], config_name: str, options_class, run_dir: str):
+    """(TrainConfig, options) of a command other than train: the config composed from `conf/<config_name>.yaml`
+    and the overrides, and the command's own keys (the fields of the dataclass `options_class`) as an instance."""
+    overrides = list(overrides)
+    keys = tuple(f.name for f in dataclasses.fields(options_class))
+    composed = compose(overrides, config_name=config_name, extra_keys=keys, run_dir=run_dir)
+    cfg, extras = resolve_config(composed, overrides, extra_keys=keys, new_run=False)
+    return cfg, build_dataclass(options_class, extras, "")
+
+
+def run_config_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as a run saves it: data paths made absolute, so a checkpoint is usable from any folder."""
+    import yaml
+
+    from vltrain.data.dataset import absolute_spec
+
+    data = dataclasses.asdict(cfg)
+    data["dataset"]["train"] = [absolute_spec(s) for s in cfg.dataset.train]
+    data["dataset"]["val"] = [absolute_spec(s) for s in cfg.dataset.val]
+    data["dataset"]["demo_root"] = None
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+# Keys a resume may change: how the run is logged, evaluated, saved and fed, not what it trains.
+HARMLESS_KEYS = {
+    "run_dir", "resume", "resume_only_model", "resume_force", "on_nonfinite", "logger", "eval", "data.num_proc",
+    "data.encode_cache_max_gb", "data.media_cache", "data.url_timeout", "data.url_retries", "data.url_max_bytes",
+    "trainer.logging_steps", "trainer.logging_first_step", "trainer.logging_strategy", "trainer.eval_steps",
+    "trainer.eval_strategy", "trainer.eval_on_start", "trainer.save_steps", "trainer.save_strategy",
+    "trainer.save_total_limit", "trainer.dataloader_num_workers", "trainer.dataloader_prefetch_factor",
+    "trainer.dataloader_persistent_workers", "trainer.dataloader_pin_memory", "trainer.per_device_eval_batch_size",
+    "trainer.report_to", "trainer.max_steps", "trainer.disable_tqdm", "trainer.log_level",
+}
+
+
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and (prefix == "" or prefix.rstrip(".") in ("model", "dataset", "data", "sft_type",
+                                                                          "parallel", "logger", "eval", "trainer")):
+        out = {}
+        for k, v in data.items():
+            out |= _flatten(v, f"{prefix}{k}.")
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def _harmless(key: str) -> bool:
+    return any(key == h or key.startswith(h + ".") for h in HARMLESS_KEYS)
+
+
+def resumed_config(cfg: TrainConfig, point) -> TrainConfig:
+    """The saved config of `point` (a `manifest.ResumePoint`) with the harmless changes `cfg` makes (logging,
+    evaluation, saving, workers, a longer `max_steps`); a ConfigError naming every key that would change what is
+    trained."""
+    import yaml
+
+    if point.saved is None:
+        return cfg
+    current, saved = _flatten(yaml.safe_load(run_config_yaml(cfg))), _flatten(point.saved)
+    # A random base is saved into the run folder: the checkpoint's config names that folder instead.
+    if current.get("model.init") == "random" and saved.get("model.init") == "pretrained":
+        for key in ("model.init", "model.path"):
+            current[key] = saved.get(key)
+    changed = sorted(k for k in current.keys() | saved.keys() if current.get(k) != saved.get(k))
+    refused = [k for k in changed if not _harmless(k)]
+    if refused:
+        shown = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in refused[:4])
+        more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
+        raise ConfigError(f"resume: the run was trained with other values of {shown}{more}; a resumed run keeps "
+                          "what it trains (model, data, sft_type, batch geometry); start a new run instead")
+    merged = dict(point.saved)
+    for key in changed:
+        _set(merged, key, current.get(key))
+    merged["run_dir"] = str(point.run_dir)
+    new = validate(merged)
+    max_steps = new.trainer.get("max_steps")
+    if max_steps is not None and 0 < max_steps < point.step:
+        raise ConfigError(f"trainer.max_steps={max_steps}: the checkpoint is already at step {point.step}")
+    return dataclasses.replace(new, resume=cfg.resume, resume_only_model=cfg.resume_only_model,
+                               resume_force=cfg.resume_force)
+
+
+def _set(data: dict, key: str, value: Any) -> None:
+    head, _, rest = key.partition(".")
+    if rest and isinstance(data.get(head), dict):
+        data[head] = dict(data[head])
+        _set(data[head], rest, value)
+    elif value is None and head in data and not rest:
+        data[head] = None
+    else:
+        data[head] = value

@@ -2,6 +2,7 @@
 
 - `torchrun_command(...)`: what `NPROC_PER_NODE=N [NNODES= NODE_RANK= MASTER_ADDR= MASTER_PORT=] python -m vltrain`
   and a SLURM job (one task per node) run: `python -m torch.distributed.run ... -m vltrain <overrides>`.
+- `train_on_slurm_nodes(...)`: a SLURM job's training, run by torchrun over every GPU of its nodes.
 - `SweepSummary`: a Hydra callback; at the end of `python -m vltrain -m ...` it prints one row per job (its
   overrides and final metrics) and writes the table as `summary.md` (and `summary.jsonl`) in the sweep folder.
 - `with_resume`, `stop_child_with_checkpoint`: what the SLURM launcher's requeue does (the launcher itself is in
@@ -69,6 +70,21 @@ def slurm_torchrun_command(argv: list[str]) -> list[str] | None:
         master = hosts[0]
     return torchrun_command(nproc, argv, nnodes=nnodes, node_rank=int(os.environ.get("SLURM_NODEID", "0")),
                             master_addr=master, master_port=int(os.environ.get("MASTER_PORT", "29500")))
+
+
+def train_on_slurm_nodes(overrides: list[str], run_dir: str) -> dict[str, Any] | None:
+    """Inside a SLURM job (one task per node, before torchrun): run this job's training in the processes torchrun
+    starts on every node and return its final metrics. None when this is not such a job, or one process is all
+    there is to start (training then runs here)."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or "LOCAL_RANK" in os.environ:
+        return None
+    cmd = slurm_torchrun_command([*overrides, f"hydra.run.dir={run_dir}"])
+    if cmd is None:
+        return None
+    code = run_child(cmd)
+    if code != 0:
+        sys.exit(f"vltrain: training processes exited with status {code}")
+    return json.loads((Path(run_dir) / FINAL_METRICS).read_text(encoding="utf-8"))
 
 
 _CHILD: subprocess.Popen | None = None
@@ -170,7 +186,9 @@ class SweepSummary(Callback):
     folder (`summary.md`, and `summary.jsonl` for programs)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if int(os.environ.get("RANK", "0")) != 0:
+        from vltrain.context import process
+
+        if not process().is_main:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():

@@ -32,8 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
-from vltrain.cli import compose_config
-from vltrain.config import SftConfig
+from vltrain.config import SftConfig, compose_config
 from vltrain.data.collator import collate, collate_packed, model_inputs
 from vltrain.data.dataset import pack_groups
 from vltrain.data.encode import IGNORE_INDEX, Sample

@@ -43,9 +43,9 @@ def main() -> int:
                        "MASTER_PORT": "29531"}.items():
         os.environ.setdefault(key, value)
 
-    from vltrain.cli import compose_config
+    from vltrain.config import compose_config
     from vltrain.data.demo import write_demo_dataset
-    from vltrain.plan import GiB, count_parameters, estimate
+    from vltrain.train.memory import GiB, count_parameters, estimate
     from vltrain.train.recipe import build_trainer
 
     tokenizer = a.tokenizer or str(REPO.parent / "shared" / "tokenizers" / TOKENIZERS.get(a.model, "qwen2"))

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
-from vltrain.cli import compose_config
+from vltrain.config import compose_config
 from vltrain.data.collator import model_inputs
 from vltrain.model.load import load_model
 from vltrain.model.tuning import apply_sft

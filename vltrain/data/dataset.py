@@ -49,6 +49,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from vltrain.config import ConfigError, DatasetConfig
+from vltrain.context import process
 from vltrain.data.encode import Encoder, Sample
 from vltrain.data.records import Record, RecordError, read_records
 from vltrain.data.tiling import normalise as normalise_tiles
@@ -652,9 +653,10 @@ class PreEncodedDataset(Dataset):
 # ---- threads --------------------------------------------------------------------------------------------------
 
 
-def share_cores(num_workers: int) -> int:
+def share_cores(num_workers: int, local_processes: int | None = None) -> int:
     """Give torch's intra-op threads the cores this process's data workers leave free (at least one) and return
-    that number. Several ranks on one machine (`LOCAL_WORLD_SIZE`) split its cores first.
+    that number. Several ranks on one machine (`local_processes`, default: the process context's local world
+    size) split its cores first.
 
     torch starts one intra-op thread per core; with data workers (and other ranks) beside them the cores are
     oversubscribed, and OpenMP threads that wait for each other at every op then lose whole time slices to any
@@ -663,7 +665,7 @@ def share_cores(num_workers: int) -> int:
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    ranks = max(1, local_processes or process().local_world_size)
     threads = max(1, cores // ranks - num_workers)
     torch.set_num_threads(threads)
     return threads

@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vltrain.data.records import Record, RecordError
-from vltrain.files import file_sha256, write_atomic
+from vltrain.files import write_atomic
 from vltrain.infer.engine import Conversation, Engine, exact_match, reference_text
+from vltrain.manifest import MANIFEST_FILE, RUN_CONFIG, files_changed
 from vltrain.progress import progress
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "data_manifest.json"
 
 # CJK ideographs, kana and hangul: one token each (ROUGE over Chinese text is computed per character).
 _CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
@@ -127,20 +127,6 @@ def score(answers: list[str], references: list[str]) -> dict[str, float]:
 # ---- the held-out split ---------------------------------------------------------------------------------------
 
 
-def manifest_changes(manifest: dict) -> list[str]:
-    """What differs between the data files a checkpoint was trained on and the files now."""
-    changes = []
-    for entry in manifest.get("files", []):
-        path = Path(entry["path"])
-        if not path.is_file():
-            changes.append(f"{path}: missing")
-        elif entry.get("size") is not None and path.stat().st_size != entry["size"]:
-            changes.append(f"{path}: size {path.stat().st_size} bytes, was {entry['size']}")
-        elif entry.get("sha256") and file_sha256(path) != entry["sha256"]:
-            changes.append(f"{path}: contents changed (sha256)")
-    return changes
-
-
 def _local_files(dataset) -> list[Path]:
     """The data files of the dataset specs (`path#N` -> path; hub names are no files)."""
     paths = [Path(spec.rsplit("#", 1)[0]) for spec in [*dataset.train, *dataset.val]]
@@ -152,12 +138,12 @@ def held_out_records(cfg, ckpt_dir: Path | None = None) -> list[Record]:
     from vltrain.data.dataset import load_splits
 
     manifest = None
-    if ckpt_dir is not None and (Path(ckpt_dir) / MANIFEST).is_file():
-        manifest = json.loads((Path(ckpt_dir) / MANIFEST).read_text(encoding="utf-8"))
-        changes = manifest_changes(manifest)
-    elif ckpt_dir is not None and (Path(ckpt_dir) / "vltrain.yaml").is_file():
+    if ckpt_dir is not None and (Path(ckpt_dir) / MANIFEST_FILE).is_file():
+        manifest = json.loads((Path(ckpt_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
+        changes = files_changed(manifest)
+    elif ckpt_dir is not None and (Path(ckpt_dir) / RUN_CONFIG).is_file():
         # no manifest (older checkpoints): a data file modified after the checkpoint was written is suspect
-        written = (Path(ckpt_dir) / "vltrain.yaml").stat().st_mtime
+        written = (Path(ckpt_dir) / RUN_CONFIG).stat().st_mtime
         changes = [f"{path}: modified after the checkpoint was written" for path in _local_files(cfg.dataset)
                    if path.stat().st_mtime > written]
     else:
@@ -174,7 +160,7 @@ def held_out_records(cfg, ckpt_dir: Path | None = None) -> list[Record]:
         found = [r for r in val if (str(Path(r.key[0]).resolve()), r.key[1]) in keys]
         if len(found) != len(keys):
             log.warning("%d of the %d held-out rows named in %s were not found in the data files now",
-                        len(keys) - len(found), len(keys), MANIFEST)
+                        len(keys) - len(found), len(keys), MANIFEST_FILE)
         val = found
     return val
 

@@ -4,12 +4,14 @@ From a checkpoint (`checkpoint-<step>/`, LoRA or full, or a `-merged` folder): i
 model type, template, system and dtype; LoRA adapters go onto their base (`load_checkpoint`), or are merged first
 (`merge_lora`, reusing an existing merge of the same checkpoint). Without a checkpoint: the model of the composed
 config (`model=<type> model.path=<dir>`). On a machine with a CUDA GPU the model moves there.
+
+`infer(cfg, options)` is what `vltrain infer` runs: an interactive chat, or the evaluation of held-out rows.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -83,3 +85,68 @@ def open_session(cfg: TrainConfig | None = None, ckpt_dir: str | Path | None = N
     encoder = make_encoder(ckpt_cfg, model, tokenizer)
     return Session(model, tokenizer, ckpt_cfg, Engine(model, encoder), ckpt,
                    Path(result_dir) if result_dir else default_results)
+
+
+# ---- `vltrain infer` -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InferOptions:
+    ckpt_dir: str | None = None
+    load_dataset_config: bool = False
+    merge_lora: bool = False
+    overwrite: bool = False
+    result_dir: str | None = None
+    batch_size: int = 8
+    limit: int | None = None
+    max_new_tokens: int | None = None
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    stop_words: list[str] = field(default_factory=list)
+
+    def generation(self) -> dict:
+        keys = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+        out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        if self.stop_words:
+            out["stop_words"] = list(self.stop_words)
+        return out
+
+
+def infer(cfg: TrainConfig, options: InferOptions, val_given: bool = False,
+          model_path: str | None = None) -> dict | None:
+    """Chat (the default), or score rows: the checkpoint's held-out split (`load_dataset_config`) or
+    `cfg.dataset.val` (`val_given`: the command line named them). `model_path`: the base of a foreign (ms-swift,
+    official) checkpoint, given on the command line. Returns the metrics of a scoring run."""
+    if options.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {options.batch_size}")
+    if options.load_dataset_config and not options.ckpt_dir:
+        raise ConfigError("load_dataset_config=true needs ckpt_dir=<checkpoint> (the split is the checkpoint's)")
+    session = open_session(cfg, options.ckpt_dir, options.merge_lora, options.overwrite, options.result_dir,
+                           model_path=model_path)
+    generation = options.generation()
+    if options.load_dataset_config or val_given:
+        import json
+
+        from vltrain.infer.evaluate import evaluate, held_out_records
+
+        if val_given:
+            from vltrain.data.dataset import read_spec
+
+            records = [r for i, spec in enumerate(cfg.dataset.val)
+                       for r in read_spec(spec, cfg.dataset.seed, key=f"dataset.val[{i}]")]
+        else:
+            records = held_out_records(session.cfg, session.ckpt_dir)
+        generation.setdefault("max_new_tokens", session.cfg.eval.max_new_tokens)
+        result = evaluate(session.engine, records, session.result_dir, options.batch_size, options.limit,
+                          **generation)
+        print(json.dumps(result.metrics, indent=2))
+        print(f"[INFO] results: {result.result_file}\n[INFO] summary: {result.summary_file}")
+        return result.metrics
+
+    from vltrain.infer.chat import chat
+
+    chat(session.engine, session.result_dir, merged_blocks=session.cfg.model.merge_image_blocks, generation=generation)
+    return None

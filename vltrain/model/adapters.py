@@ -108,7 +108,7 @@ def _read_json(path: Path) -> dict:
 
 def foreign_format(path: str | Path) -> str | None:
     """The foreign format of the folder `path`, or None (a vltrain checkpoint, a model folder, anything else)."""
-    from vltrain.config import RUN_CONFIG
+    from vltrain.manifest import RUN_CONFIG
     from vltrain.model.original import is_original_layout
 
     path = Path(path)
@@ -645,7 +645,7 @@ def resolve_base(foreign: ForeignCheckpoint, model_path: str | None = None) -> s
 def _template_of(base: str, model_type: str | None) -> tuple[str | None, str]:
     """(vltrain model type or None, template): the template from the base's original config.json, else from
     the model type's YAML."""
-    from vltrain.cli import group_options
+    from vltrain.config import group_options
 
     known = model_type if model_type in group_options("model") else None
     config_file = Path(base) / "config.json"
@@ -654,7 +654,7 @@ def _template_of(base: str, model_type: str | None) -> tuple[str | None, str]:
         if config.get("template"):
             return known, config["template"]
     if known:
-        from vltrain.cli import compose_config
+        from vltrain.config import compose_config
 
         return known, compose_config([f"model={known}", "dataset.train=[unused.jsonl]"]).model.template
     raise AdapterError(f"{base}: no template in its config.json and no known model type recorded; pass model=<type>")
@@ -663,7 +663,7 @@ def _template_of(base: str, model_type: str | None) -> tuple[str | None, str]:
 def foreign_config(foreign: ForeignCheckpoint, base: str, native: Lora | None = None):
     """The TrainConfig vltrain keeps for a converted foreign checkpoint: the model type (when ms-swift recorded
     one vltrain knows) on the base, the template, LoRA settings and targets of the converted adapter."""
-    from vltrain.cli import compose_config
+    from vltrain.config import compose_config
 
     model_type, template = _template_of(base, foreign.model_type)
     cfg = compose_config([f"model={model_type or 'tiny'}", "dataset=custom", "dataset.train=[unused.jsonl]"])
@@ -762,8 +762,8 @@ def convert_adapter(src: str | Path, dst: str | Path, model_path: str | None = N
     transformers + peft load it onto the base converted with `python -m vltrain.convert src=<base>`."""
     import yaml
 
-    from vltrain.config import RUN_CONFIG
     from vltrain.files import write_atomic
+    from vltrain.manifest import RUN_CONFIG
 
     dst = Path(dst)
     model, tokenizer, cfg = load_foreign(src, model_path, dtype=torch.float32)

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from vltrain.config import RUN_CONFIG, ConfigError
+from vltrain.config import ConfigError, TrainConfig
 from vltrain.files import write_atomic
+from vltrain.manifest import MANIFEST_FILE, RUN_CONFIG
 from vltrain.model.convert import (
     _EMBEDDINGS,
     _INTERNLM2_LAYER,
@@ -44,7 +45,6 @@ from vltrain.model.original import is_original_layout
 log = logging.getLogger(__name__)
 
 MERGED_FROM = "merged_from.json"
-MANIFEST = "data_manifest.json"
 LLM_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM"}
 # The published LLM of each model type (the native model runs InternLM2 as Llama).
 TYPE_LLM = {"internvl-chat-v1_5": "InternLM2ForCausalLM", "internvl-chat-v1_5-int8": "InternLM2ForCausalLM",
@@ -130,8 +130,8 @@ def merge_lora(ckpt_dir: str | Path, dst: str | Path | None = None, overwrite: b
                                      model=dataclasses.replace(cfg.model, path=str(dst), init="pretrained"))
     # the checkpoint's config already holds absolute data paths
     write_atomic(tmp / RUN_CONFIG, yaml.safe_dump(dataclasses.asdict(merged_cfg), sort_keys=False, allow_unicode=True))
-    if (ckpt / MANIFEST).is_file():
-        shutil.copyfile(ckpt / MANIFEST, tmp / MANIFEST)
+    if (ckpt / MANIFEST_FILE).is_file():
+        shutil.copyfile(ckpt / MANIFEST_FILE, tmp / MANIFEST_FILE)
     write_atomic(tmp / MERGED_FROM, json.dumps({"checkpoint": str(ckpt), "adapter_sha256": _adapter_digest(ckpt)},
                                                indent=2) + "\n")
     if dst.exists():
@@ -439,3 +439,76 @@ def save_original_lora(peft_model, tokenizer, model_cfg, dst: Path, max_shard_si
     save_original_adapter(lora, dst, str(Path(base).resolve()))
     notes.append(f"original-layout adapter of rank {lora.r}, alpha {lora.alpha:g} on {len(lora.modules)} modules")
     return notes
+
+
+# ---- `vltrain export` ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ExportOptions:
+    ckpt_dir: str | None = None
+    merge_lora: bool = False
+    to: str = "hf"
+    dst: str | None = None
+    overwrite: bool = False
+    max_shard_size: str = "5GB"
+
+
+def _check_dst(dst: Path, overwrite: bool) -> None:
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise ConfigError(f"dst={dst}: exists and is not empty; pass overwrite=true to write into it")
+
+
+def export(cfg: TrainConfig, options: ExportOptions, model_path: str | None = None) -> Path:
+    """What `vltrain export` writes (and prints, with notes), returning the folder. `to=hf`: a LoRA checkpoint
+    merged (`merge_lora`); `to=original`: a checkpoint (a LoRA adapter on the language model only as an
+    original-layout adapter, otherwise merged first) or the model of `cfg.model`, in the original layout.
+    `model_path`: the base of a foreign (ms-swift, official) checkpoint, given on the command line."""
+    if options.to not in ("hf", "original"):
+        raise ConfigError(f"to: '{options.to}' is not one of hf, original")
+    if options.to == "hf":
+        if not (options.ckpt_dir and options.merge_lora):
+            raise ConfigError("to=hf exports a LoRA checkpoint merged: pass ckpt_dir=<checkpoint> merge_lora=true "
+                              "(an original folder converts with python -m vltrain.convert)")
+        dst = merge_lora(options.ckpt_dir, options.dst, overwrite=options.overwrite, reuse=True,
+                         model_path=model_path)
+        print(f"merged: {dst}")
+        return dst
+
+    from vltrain.model.load import load_checkpoint, load_model_tokenizer
+
+    if options.ckpt_dir:
+        ckpt = Path(options.ckpt_dir).resolve()
+        dst = Path(options.dst) if options.dst else ckpt.with_name(ckpt.name + "-original")
+        _check_dst(dst, options.overwrite)
+        try:
+            model, tokenizer, run_cfg = load_checkpoint(ckpt, model_path)
+        except FileNotFoundError as e:
+            raise ConfigError(f"ckpt_dir: {e}") from None
+        if hasattr(model, "merge_and_unload"):
+            reason = "merge_lora=true" if options.merge_lora else original_adapter_refusal(model)
+            if reason is None:
+                notes = save_original_lora(model, tokenizer, run_cfg.model, dst, options.max_shard_size)
+                print(f"original-layout LoRA adapter: {dst}")
+                for note in notes:
+                    print(f"note: {note}")
+                return dst
+            if run_cfg.model.load_in_8bit:
+                raise ConfigError("8-bit model: LoRA adapters cannot be folded into int8 weights")
+            print(f"note: merging the adapter into the weights: {reason}")
+            model = model.merge_and_unload()
+        model_cfg = run_cfg.model
+    else:
+        if not options.dst:
+            raise ConfigError("dst=<folder> is required with model=<type> to=original")
+        dst = Path(options.dst)
+        _check_dst(dst, options.overwrite)
+        model, tokenizer = load_model_tokenizer(cfg.model)
+        model_cfg = cfg.model
+    base = original_base(model_cfg.path, model_cfg.hub, model_cfg.hub_token)
+    notes = save_original(model, tokenizer, dst, model_cfg.template, model_cfg.name, model_cfg.max_tiles,
+                          base=base, hf_id=model_cfg.hf_id, max_shard_size=options.max_shard_size)
+    print(f"original layout: {dst}")
+    for note in notes:
+        print(f"note: {note}")
+    return dst

@@ -32,7 +32,9 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import is_bitsandbytes_available, is_flash_attn_2_available
 
 from vltrain.config import ConfigError, ModelConfig, SftConfig
+from vltrain.context import process
 from vltrain.data.encode import Encoder
+from vltrain.manifest import BASE_RECORD, RUN_CONFIG
 from vltrain.model.generation import configure_generation
 from vltrain.model.geometry import model_geometry, tokens_per_tile, vision_geometry
 from vltrain.model.hub import resolve_model_path
@@ -106,7 +108,7 @@ def int8_device() -> torch.device:
         raise ConfigError("model.load_in_8bit: bitsandbytes is not installed (`pip install bitsandbytes`), or is "
                           "older than transformers supports; or set model.load_in_8bit=false")
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", process().local_rank)
     import bitsandbytes as bnb
 
     supported = sorted(getattr(bnb, "supported_torch_devices", ()))
@@ -564,11 +566,6 @@ def load_saved_weights(model: torch.nn.Module, folder: str | Path) -> None:
                           f"{', '.join(missing[:5]) or 'none'}; unexpected: {', '.join(unexpected[:5]) or 'none'})")
 
 
-BASE_RECORD = "base_model.json"
-"""In a checkpoint of a run on a random base: how to rebuild that base (architecture, seed) and its digest, so the
-checkpoint still loads when copied away from its run folder."""
-
-
 def weights_digest(model: torch.nn.Module) -> str:
     """sha256 over every parameter and buffer (names, dtypes, shapes, bytes): equal digests, equal weights."""
     import hashlib
@@ -593,7 +590,7 @@ def load_checkpoint(ckpt_dir: str | Path, model_path: str | None = None):
     import yaml
     from peft import PeftModel
 
-    from vltrain.config import RUN_CONFIG, validate
+    from vltrain.config import validate
     from vltrain.model.adapters import foreign_format, load_foreign
 
     ckpt = Path(ckpt_dir)

@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vltrain.config import RUN_CONFIG, ConfigError, TrainConfig
+from vltrain.config import ConfigError, TrainConfig
 from vltrain.infer.engine import Engine
+from vltrain.manifest import RUN_CONFIG
 from vltrain.serve.options import ServeOptions
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,8 @@ def _load_adapters(options: ServeOptions):
 
     from vltrain.config import validate
     from vltrain.infer.session import place_on_device
-    from vltrain.model.load import BASE_RECORD, load_checkpoint, make_encoder
+    from vltrain.manifest import BASE_RECORD
+    from vltrain.model.load import load_checkpoint, make_encoder
 
     folders = {}
     bases = {}

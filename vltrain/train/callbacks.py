@@ -10,6 +10,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from vltrain.files import write_atomic
+from vltrain.manifest import LOG_FILE
 
 
 class JsonlLogger(TrainerCallback):
@@ -19,7 +20,7 @@ class JsonlLogger(TrainerCallback):
     closing summary) are dropped first, so every step appears once; elapsed seconds continue."""
 
     def __init__(self, run_dir: Path, resume_step: int | None = None):
-        self.path = Path(run_dir) / "logging.jsonl"
+        self.path = Path(run_dir) / LOG_FILE
         self.start = time.monotonic()
         if resume_step is not None and self.path.is_file():
             rows = [_row(line) for line in self.path.read_text(encoding="utf-8").splitlines()]

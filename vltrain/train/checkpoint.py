@@ -15,86 +15,24 @@ hashes, and the held-out keys): changed data is refused unless `resume_force=tru
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import json
 import logging
 import os
-import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from vltrain.config import RUN_CONFIG, ConfigError, TrainConfig, validate
-from vltrain.files import file_sha256, write_atomic
+from vltrain.config import ConfigError
+from vltrain.files import write_atomic
+from vltrain.manifest import COMPLETE_FILE, STAGING_DIR, ResumePoint, complete_checkpoints, newest_checkpoint
 
 log = logging.getLogger(__name__)
-
-STAGING_DIR = ".staging"
-"""Where a checkpoint is written before it is complete (inside the run folder, so the rename stays on one disk)."""
-COMPLETE_FILE = "vltrain_checkpoint.json"
-"""Written last into a checkpoint: step, world size, parallel mode and the size of every other file."""
-MANIFEST_FILE = "data_manifest.json"
-"""The data a checkpoint was trained on: record files (path, size, sha256) and the held-out record keys."""
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-# Keys a resume may change: how the run is logged, evaluated, saved and fed, not what it trains.
-HARMLESS_KEYS = {
-    "run_dir", "resume", "resume_only_model", "resume_force", "on_nonfinite", "logger", "eval", "data.num_proc",
-    "data.encode_cache_max_gb", "data.media_cache", "data.url_timeout", "data.url_retries", "data.url_max_bytes", "trainer.logging_steps",
-    "trainer.logging_first_step", "trainer.logging_strategy", "trainer.eval_steps", "trainer.eval_strategy",
-    "trainer.eval_on_start", "trainer.save_steps", "trainer.save_strategy", "trainer.save_total_limit",
-    "trainer.dataloader_num_workers", "trainer.dataloader_prefetch_factor", "trainer.dataloader_persistent_workers",
-    "trainer.dataloader_pin_memory", "trainer.per_device_eval_batch_size", "trainer.report_to", "trainer.max_steps",
-    "trainer.disable_tqdm", "trainer.log_level",
-}
-
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written (a full disk, a failing writer); the previous ones are intact."""
 
 
-# ---- finding checkpoints -------------------------------------------------------------------------------------
-
-
-def checkpoint_step(path: Path) -> int | None:
-    match = _CHECKPOINT.match(Path(path).name)
-    return int(match[1]) if match else None
-
-
-def is_complete(ckpt: Path) -> bool:
-    """The checkpoint's completion file exists and every file it lists has its recorded size."""
-    try:
-        record = json.loads((Path(ckpt) / COMPLETE_FILE).read_text(encoding="utf-8"))
-        return all((Path(ckpt) / name).stat().st_size == size for name, size in record["files"].items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete `checkpoint-<step>` folders of a run, oldest first."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(checkpoint_step(p), p) for p in run_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
-    return [p for _, p in sorted(found) if is_complete(p)]
-
-
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def holds_run(run_dir: Path) -> bool:
-    """The folder already holds a training run (its config, logs, a base model or checkpoints)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return False
-    return any((run_dir / name).exists() for name in (RUN_CONFIG, "logging.jsonl", "base_model", STAGING_DIR)) \
-        or any(checkpoint_step(p) is not None for p in run_dir.iterdir())
+# ---- leftovers -----------------------------------------------------------------------------------------------
 
 
 def clean_leftovers(run_dir: Path) -> None:
@@ -192,143 +130,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-# ---- the data manifest ---------------------------------------------------------------------------------------
-
-
-def data_manifest(record_files: list[str], val_keys: list[tuple[str, int]]) -> dict[str, Any]:
-    """{"files": [{"path", "size", "sha256"}], "val_keys": [[source, row], ...]}: the record files a run reads
-    (media are not hashed) and the `Record.key` of every held-out record, paths made absolute."""
-    files = []
-    for name in dict.fromkeys(record_files):
-        path = Path(name).resolve()  # absolute, as the checkpoint's config names them: usable from any folder
-        if path.is_file():
-            files.append({"path": str(path), "size": path.stat().st_size, "sha256": file_sha256(path)})
-    return {"files": files, "val_keys": [[str(Path(source).resolve()), row] for source, row in val_keys]}
-
-
-def manifest_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """What differs between two manifests, one phrase per change (empty: the same data and held-out split)."""
-    changes = []
-    old = {f["path"]: f for f in saved.get("files", [])}
-    new = {f["path"]: f for f in current.get("files", [])}
-    for path in sorted(old.keys() | new.keys()):
-        if path not in new:
-            changes.append(f"{path} is gone")
-        elif path not in old:
-            changes.append(f"{path} is new")
-        elif old[path]["sha256"] != new[path]["sha256"]:
-            changes.append(f"{path} changed (size {old[path]['size']} -> {new[path]['size']} bytes)")
-    old_val = {tuple(k) for k in saved.get("val_keys", [])}
-    new_val = {tuple(k) for k in current.get("val_keys", [])}
-    if old_val != new_val:
-        changes.append(f"the held-out split changed ({len(old_val - new_val)} rows left it, "
-                       f"{len(new_val - old_val)} joined it)")
-    return changes
-
-
-def read_manifest(ckpt: Path) -> dict[str, Any] | None:
-    path = Path(ckpt) / MANIFEST_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 # ---- resuming ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ResumePoint:
-    """Where a resumed run continues: its run folder, the checkpoint (None: no complete one yet, start at step 0
-    in that folder) and the saved config (None when the run never got as far as writing it)."""
-
-    run_dir: Path
-    checkpoint: Path | None
-    saved: dict[str, Any] | None
-
-
-def find_resume_point(resume: str, run_dir: str) -> ResumePoint:
-    """`resume=auto`: the newest complete checkpoint of `run_dir`. `resume=<path>`: that run folder's newest
-    complete checkpoint, or that checkpoint (which must be complete)."""
-    if resume == "auto":
-        folder, ckpt = Path(run_dir).resolve(), None
-    else:
-        path = Path(resume).expanduser().resolve()
-        if not path.exists():
-            raise ConfigError(f"resume={resume}: no such run folder or checkpoint")
-        ckpt = None
-        if checkpoint_step(path) is not None:
-            if not is_complete(path):
-                raise ConfigError(f"resume={resume}: an incomplete checkpoint (no {COMPLETE_FILE} or a file of "
-                                  "the wrong size; it was interrupted while saving); resume the run folder instead")
-            folder, ckpt = path.parent, path
-        else:
-            folder = path
-    ckpt = ckpt or newest_checkpoint(folder)
-    source = ckpt / RUN_CONFIG if ckpt else folder / RUN_CONFIG
-    saved = yaml.safe_load(source.read_text(encoding="utf-8")) if source.is_file() else None
-    if resume != "auto" and saved is None:
-        raise ConfigError(f"resume={resume}: {folder} is not a vltrain run folder (no {RUN_CONFIG})")
-    return ResumePoint(folder, ckpt, saved)
-
-
-def comparable(cfg: TrainConfig) -> dict[str, Any]:
-    """The config as a run saves it (data paths absolute), for comparing a resumed run with its checkpoint."""
-    from vltrain.train.run import run_config_yaml
-
-    return yaml.safe_load(run_config_yaml(cfg))
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict) and (prefix == "" or prefix.rstrip(".") in ("model", "dataset", "data", "sft_type",
-                                                                          "parallel", "logger", "eval", "trainer")):
-        out = {}
-        for k, v in data.items():
-            out |= _flatten(v, f"{prefix}{k}.")
-        return out
-    return {prefix.rstrip("."): data}
-
-
-def _harmless(key: str) -> bool:
-    return any(key == h or key.startswith(h + ".") for h in HARMLESS_KEYS)
-
-
-def resumed_config(cfg: TrainConfig, point: ResumePoint) -> TrainConfig:
-    """The saved config with the harmless changes `cfg` makes (logging, evaluation, saving, workers, a longer
-    `max_steps`); a ConfigError naming every key that would change what is trained."""
-    if point.saved is None:
-        return cfg
-    current, saved = _flatten(comparable(cfg)), _flatten(point.saved)
-    # A random base is saved into the run folder: the checkpoint's config names that folder instead.
-    if current.get("model.init") == "random" and saved.get("model.init") == "pretrained":
-        for key in ("model.init", "model.path"):
-            current[key] = saved.get(key)
-    changed = sorted(k for k in current.keys() | saved.keys() if current.get(k) != saved.get(k))
-    refused = [k for k in changed if not _harmless(k)]
-    if refused:
-        shown = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in refused[:4])
-        more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
-        raise ConfigError(f"resume: the run was trained with other values of {shown}{more}; a resumed run keeps "
-                          "what it trains (model, data, sft_type, batch geometry); start a new run instead")
-    merged = dict(point.saved)
-    for key in changed:
-        _set(merged, key, current.get(key))
-    merged["run_dir"] = str(point.run_dir)
-    new = validate(merged)
-    step = checkpoint_step(point.checkpoint) if point.checkpoint else 0
-    max_steps = new.trainer.get("max_steps")
-    if max_steps is not None and 0 < max_steps < step:
-        raise ConfigError(f"trainer.max_steps={max_steps}: the checkpoint is already at step {step}")
-    return dataclasses.replace(new, resume=cfg.resume, resume_only_model=cfg.resume_only_model,
-                               resume_force=cfg.resume_force)
-
-
-def _set(data: dict, key: str, value: Any) -> None:
-    head, _, rest = key.partition(".")
-    if rest and isinstance(data.get(head), dict):
-        data[head] = dict(data[head])
-        _set(data[head], rest, value)
-    elif value is None and head in data and not rest:
-        data[head] = None
-    else:
-        data[head] = value
 
 
 def check_world_size(point: ResumePoint, world_size: int, zero: bool) -> None:

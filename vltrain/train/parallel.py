@@ -23,23 +23,12 @@ from typing import Any
 import torch
 
 from vltrain.config import ConfigError, ModelConfig, TrainConfig
+from vltrain.context import process
 
 log = logging.getLogger(__name__)
 
 DEEPSPEED_FILE = "deepspeed.json"
 """The DeepSpeed config of a zero* run, as given (`auto` values unfilled), in the run folder."""
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 # ---- DeepSpeed ---------------------------------------------------------------------------------------------------
@@ -132,7 +121,7 @@ def cpu_deepspeed_shim() -> None:
 
     def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
         chosen, kind = original(self, cpu, sagemaker_dp, backend)
-        if chosen is None and world_size() > 1:
+        if chosen is None and process().distributed:
             return "gloo", DistributedType.MULTI_CPU
         return chosen, kind
 
@@ -149,11 +138,11 @@ def init_process_group() -> bool:
     Trainer and DeepSpeed reuse this group."""
     import torch.distributed as dist
 
-    if world_size() <= 1:
+    if not process().distributed:
         return False
     if not dist.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank())
+            torch.cuda.set_device(process().local_rank)
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return True
 
@@ -182,7 +171,7 @@ def wait_for_all(minutes: float = 180.0) -> None:
 def rank0_first(minutes: float = 180.0, local: bool = False) -> Iterator[bool]:
     """Run the block on rank 0 (`local`: on each node's local rank 0) first, then on the others. Yields whether
     this process goes first. The waiting ranks wait up to `minutes`."""
-    first = (local_rank() if local else rank()) == 0
+    first = process().is_local_main if local else process().is_main
     if not first:
         wait_for_all(minutes)
     try:

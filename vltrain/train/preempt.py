@@ -18,6 +18,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from vltrain.manifest import LOG_FILE
+
 log = logging.getLogger(__name__)
 
 PREEMPTED = "PREEMPTED"
@@ -42,7 +44,7 @@ class RunShape(TrainerCallback):
                "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
                "requested_global_batch": self.requested, "launched_processes": self.world_size,
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        path = Path(args.output_dir) / "logging.jsonl"
+        path = Path(args.output_dir) / LOG_FILE
         with path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 

@@ -14,7 +14,8 @@ import torch
 from transformers import TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from vltrain.config import RUN_CONFIG, ConfigError, TrainConfig, training_defaults
+from vltrain.config import ConfigError, TrainConfig, run_config_yaml, training_defaults
+from vltrain.context import process
 from vltrain.data import dataset as dataset_module
 from vltrain.data.check import DataError, check_splits, enforce, iter_outcomes, outcome_from_encoded_row
 from vltrain.data.collator import Collator
@@ -28,9 +29,18 @@ from vltrain.data.dataset import (
 )
 from vltrain.data.encode import Encoder
 from vltrain.data.records import RecordError
+from vltrain.manifest import (
+    BASE_RECORD,
+    MANIFEST_FILE,
+    RUN_CONFIG,
+    ResumePoint,
+    data_manifest,
+    find_resume_point,
+    manifest_changes,
+    read_manifest,
+)
 from vltrain.model.geometry import vision_geometry
 from vltrain.model.load import (
-    BASE_RECORD,
     load_model,
     load_tokenizer_for,
     make_encoder,
@@ -42,24 +52,11 @@ from vltrain.model.tuning import apply_sft, trainable_summary
 from vltrain.progress import is_terminal
 from vltrain.train import parallel
 from vltrain.train.callbacks import JsonlLogger, LossPlot
-from vltrain.train.checkpoint import (
-    MANIFEST_FILE,
-    ResumePoint,
-    check_world_size,
-    checkpoint_step,
-    clean_leftovers,
-    data_manifest,
-    find_resume_point,
-    holds_run,
-    manifest_changes,
-    read_manifest,
-    resumed_config,
-    rotate,
-)
+from vltrain.train.checkpoint import check_world_size, clean_leftovers, rotate
 from vltrain.train.loss import router_aux_coef
 from vltrain.train.order import IndexedCollator, SeededSamples
 from vltrain.train.preempt import PreemptionCheckpoint, RunShape
-from vltrain.train.run import RunFolder, process_index, run_config_yaml
+from vltrain.train.run import RunFolder
 from vltrain.train.trainer import VLTrainer
 
 log = logging.getLogger(__name__)
@@ -92,11 +89,10 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
     model, trainable parts, trainer. Rank 0 writes the run folder's config, DeepSpeed config and the base model
     (when randomly initialised). A bad record stops the run before any weights load (`data.on_error`); with
     `cfg.resume` the run continues from its newest complete checkpoint (`start_run`)."""
-    world = parallel.world_size()
+    world = process().world_size
     parallel.check_launch(cfg, world)
     parallel.init_process_group()
-    cfg, point = start_run(cfg)
-    run = RunFolder.for_config(cfg)
+    cfg, run, point = start_run(cfg)
     run_dir = run.path
     try:
         args = build_training_arguments(cfg, run_dir, world, write=run.is_main)
@@ -168,7 +164,7 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
     run_config = run_config_yaml(cfg)
     run.write_text(RUN_CONFIG, run_config)
     log.info("train rows %d, held-out rows %d, run folder %s", len(train_dataset), len(val_records), run_dir)
-    step = checkpoint_step(point.checkpoint) if point and point.checkpoint else 0 if point else None
+    step = point.step if point else None
 
     trainer = VLTrainer(
         model=model,
@@ -196,18 +192,15 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
     return trainer
 
 
-def start_run(cfg: TrainConfig) -> tuple[TrainConfig, ResumePoint | None]:
-    """(the config to train, where to resume or None). Checks what needs no data or weights: a new run never
-    writes into a folder holding another run; `data.max_length` fits the model's positions; a resumed run keeps
-    its saved config. Clears what a killed run left half-written, and finishes its rotation."""
+def start_run(cfg: TrainConfig) -> tuple[TrainConfig, RunFolder, ResumePoint | None]:
+    """(the config with what only the model's files decide written down, the run folder, where to resume or None)
+    of a resolved config (`config.resolve_config` refused a folder holding another run, and gave a resumed run its
+    saved config). Checks what needs no data or weights: `data.max_length` fits the model's positions. Clears what
+    a killed run left half-written, and finishes its rotation."""
     point = None
     if cfg.resume:
         point = find_resume_point(cfg.resume, cfg.run_dir)
-        cfg = resumed_config(cfg, point)
         log.info("resuming %s from %s", point.run_dir, point.checkpoint or "step 0 (no complete checkpoint yet)")
-    elif process_index() == 0 and holds_run(Path(cfg.run_dir)):  # other ranks may already see rank 0's files
-        raise ConfigError(f"run folder {Path(cfg.run_dir).resolve()} already holds a run; continue it with "
-                          "resume=auto (same hydra.run.dir) or resume=<that folder>, or choose another folder")
     check_max_length(cfg)
     cfg = resolve_router_aux(cfg)
     run = RunFolder.for_config(cfg)
@@ -216,7 +209,7 @@ def start_run(cfg: TrainConfig) -> tuple[TrainConfig, ResumePoint | None]:
         clean_leftovers(run.path)
         # a kill between publishing a checkpoint and rotating left one too many
         rotate(run.path, cfg.trainer.get("save_total_limit"), keep=[point.checkpoint if point else None])
-    return cfg, point
+    return cfg, run, point
 
 
 def declared_llm_config(cfg: TrainConfig) -> dict:

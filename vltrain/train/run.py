@@ -7,28 +7,13 @@ here, and writes are atomic (a temporary name renamed into place), so a reader n
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from vltrain.config import TrainConfig
-from vltrain.data.dataset import absolute_spec
+from vltrain.context import process
 from vltrain.files import write_atomic
-
-BASE_MODEL_DIR = "base_model"
-"""A randomly initialised base, saved so that LoRA checkpoints reload onto the same weights."""
-
-
-def process_index() -> int:
-    """This process's global rank (0 in a single-process run)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+from vltrain.manifest import BASE_MODEL_DIR
 
 
 @dataclass(frozen=True)
@@ -40,7 +25,7 @@ class RunFolder:
 
     @classmethod
     def for_config(cls, cfg: TrainConfig) -> RunFolder:
-        return cls(Path(cfg.run_dir).resolve(), is_main=process_index() == 0)
+        return cls(Path(cfg.run_dir).resolve(), is_main=process().is_main)
 
     def create(self) -> None:
         if self.is_main:
@@ -56,15 +41,6 @@ class RunFolder:
     @property
     def base_model(self) -> Path:
         return self.path / BASE_MODEL_DIR
-
-
-def run_config_yaml(cfg: TrainConfig) -> str:
-    """The resolved config with data paths made absolute, so a checkpoint is usable from any folder."""
-    data = dataclasses.asdict(cfg)
-    data["dataset"]["train"] = [absolute_spec(s) for s in cfg.dataset.train]
-    data["dataset"]["val"] = [absolute_spec(s) for s in cfg.dataset.val]
-    data["dataset"]["demo_root"] = None
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def shared_stamp(fmt: str = "%Y%m%d-%H%M%S") -> str:
