@@ -60,8 +60,9 @@ def test_console_script_and_module_give_the_same_run(tmp_path):
         out = subprocess.run([*cmd, *args, f"hydra.run.dir={run}"], cwd=tmp_path, capture_output=True, text=True,
                              timeout=600, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
-        metrics.append(json.loads((run / "final_metrics.json").read_text()))
-    assert metrics[0]["global_step"] == 2 and "eval_loss" in metrics[0]
+        final = json.loads((run / "final_metrics.json").read_text())
+        metrics.append({k: v for k, v in final.items() if not k.endswith(("_runtime", "_per_second"))})  # timings
+    assert metrics[0]["global_step"] == 2 and {"train_loss", "eval_loss", "eval_exact_match"} <= metrics[0].keys()
     assert metrics[0] == metrics[1]
 
 
