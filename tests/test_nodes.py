@@ -27,7 +27,7 @@ def recorded(self, name, info=None):
         log.write(f"{os.environ['RANK']} {self.root}\n")
     return writing(self, name, info)
 store.EncodeCache.writing = recorded
-from vltrain.__main__ import entry
+from vltrain.cli import entry
 sys.argv = ["vltrain", *sys.argv[1:]]
 entry()
 """
