@@ -6,6 +6,7 @@ Run as:
     vltrain serve model=internvl2-8b model.path=/data/InternVL2-8B port=8000   # a model folder
     vltrain serve 'adapters={a: run1/checkpoint-100, b: run2/checkpoint-200}' # LoRA adapters of one base
     vltrain serve ckpt_dir=... host=0.0.0.0 api_key=secret served_model_name=my-model
+    vltrain serve ckpt_dir=<ms-swift or official LoRA checkpoint> model.path=<its base>   # base moved
 
 Keys (conf/serve.yaml, vltrain.serve.options.ServeOptions): ckpt_dir, adapters, merge_lora, served_model_name,
 host, port, api_key, max_batch_size, max_queue, batch_wait_ms, max_tokens, max_model_len, max_body_bytes,
@@ -30,9 +31,10 @@ def serve_command(argv: list[str]) -> int:
         raise ConfigError(f"serving needs {', '.join(missing)}: pip install 'vltrain[serve]'")
     cfg, options = compose_command(argv, "serve", ServeOptions, run_dir="outputs/serve")
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s [%(name)s][%(levelname)s] - %(message)s")
+    from vltrain.model.adapters import given_model_path
     from vltrain.serve.server import serve
 
-    serve(cfg, options)
+    serve(cfg, options, model_path=given_model_path(argv) if options.ckpt_dir else None)
     return 0
 
 

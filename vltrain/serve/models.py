@@ -56,14 +56,15 @@ class ServedModels:
         return contextlib.nullcontext()
 
 
-def load_served(cfg: TrainConfig, options: ServeOptions) -> ServedModels:
-    """Load what `options` names onto the device (one GPU when there is one, else CPU)."""
+def load_served(cfg: TrainConfig, options: ServeOptions, model_path: str | None = None) -> ServedModels:
+    """Load what `options` names onto the device (one GPU when there is one, else CPU). `model_path`: the base
+    of an ms-swift or official LoRA checkpoint (`ckpt_dir`) whose records point somewhere absent."""
     from vltrain.infer.session import open_session
 
     if options.adapters:
         engine, ckpt_cfg, names = _load_adapters(options)
     else:
-        session = open_session(cfg, options.ckpt_dir, merge_lora=options.merge_lora)
+        session = open_session(cfg, options.ckpt_dir, merge_lora=options.merge_lora, model_path=model_path)
         engine, ckpt_cfg = session.engine, session.cfg
         names = {options.served_model_name or ckpt_cfg.model.name: None}
     text_config = getattr(engine.model.config, "text_config", engine.model.config)

@@ -16,14 +16,15 @@ from vltrain.serve.options import ServeOptions
 log = logging.getLogger("vltrain.serve")
 
 
-def build_server(cfg: TrainConfig, options: ServeOptions):
-    """A `uvicorn.Server` for the app on `options.host` / `options.port` (tests run it in a thread)."""
+def build_server(cfg: TrainConfig, options: ServeOptions, model_path: str | None = None):
+    """A `uvicorn.Server` for the app on `options.host` / `options.port` (tests run it in a thread). `model_path`:
+    as for `load_served`."""
     import uvicorn
 
     from vltrain.serve.app import create_app
     from vltrain.serve.models import load_served
 
-    served = load_served(cfg, options)
+    served = load_served(cfg, options, model_path)
     app = create_app(served, options)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level.lower(),
                             access_log=False, timeout_graceful_shutdown=options.shutdown_timeout,
@@ -31,9 +32,9 @@ def build_server(cfg: TrainConfig, options: ServeOptions):
     return uvicorn.Server(config)
 
 
-def serve(cfg: TrainConfig, options: ServeOptions) -> None:
+def serve(cfg: TrainConfig, options: ServeOptions, model_path: str | None = None) -> None:
     """Serve until interrupted (blocking)."""
-    server = build_server(cfg, options)
+    server = build_server(cfg, options, model_path)
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down gracefully
