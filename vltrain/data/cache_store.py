@@ -68,12 +68,18 @@ def folder_bytes(path: Path) -> int:
     return total
 
 
+def _touch(path: Path) -> None:
+    """Record a use (the lock file's mtime); a cache this user may not write keeps its times."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
 def _try_exclusive(lock_file: Path) -> int | None:
     """A descriptor holding the exclusive lock on `lock_file`, or None when some process holds it (or it is
     gone)."""
     try:
-        fd = os.open(lock_file, os.O_RDWR)
-    except FileNotFoundError:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except OSError:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -97,7 +103,7 @@ class EncodeCache:
         path = self.root / name
         key = str(path)
         if key in _IN_USE:
-            os.utime(path / LOCK)
+            _touch(path / LOCK)
             return path
         if not (path / COMPLETE).is_file():
             return None
@@ -107,6 +113,11 @@ class EncodeCache:
             fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except FileNotFoundError:
             return None
+        except PermissionError:  # a cache shared read-only: still marked in use (flock needs no write access)
+            try:
+                fd = os.open(path / LOCK, os.O_RDONLY)
+            except OSError:
+                return None
         fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while an eviction renames it away
         try:
             same = os.fstat(fd).st_ino == os.stat(path / LOCK).st_ino and (path / COMPLETE).is_file()
@@ -115,7 +126,7 @@ class EncodeCache:
         if not same:  # evicted while this process waited
             os.close(fd)
             return None
-        os.utime(path / LOCK)
+        _touch(path / LOCK)
         _IN_USE[key] = fd
         return path
 
