@@ -335,13 +335,44 @@ def test_training_continues_from_an_ms_swift_adapter(tmp_path, adapter_dirs, bas
     assert (Path(cfg.run_dir) / "checkpoint-1" / "adapter_model.safetensors").is_file()
 
 
+def test_per_module_alpha_and_rank_patterns_carry_over(tmp_path, adapter_dirs, native_bases):
+    """peft's rank_pattern / alpha_pattern (matched on the original names) reach the native modules they map to:
+    here v_proj at rank 4 and q_proj at alpha 16 give what the same weights scaled by hand give."""
+    folder = tmp_path / "a"
+    shutil.copytree(adapter_dirs["qwen2/swift2-list"], folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"v_proj": 4},
+                                                            "alpha_pattern": {"q_proj": 16}}))
+
+    def cut(state):  # v_proj's adapter of rank 4: its first 4 components
+        return {k: (v[:4] if "v_proj.lora_A" in k else v[:, :4] if "v_proj.lora_B" in k else v)
+                for k, v in state.items()}
+
+    _rewrite(folder, cut)
+    patterned, native = adapter_on(copy.deepcopy(native_bases["qwen2"]), read_foreign(folder))
+    assert native.ranks == {m: 4 for m in native.modules if m.endswith("v_proj")}
+    by_hand = read_foreign(folder)
+    by_hand.lora.ranks, by_hand.lora.alphas = {}, {}
+    for module, parts in by_hand.lora.modules.items():
+        if module.endswith("v_proj"):  # rank 4 at alpha 32: scale 8 instead of 4
+            parts["lora_B"] = parts["lora_B"] * 2
+        if module.endswith("q_proj"):  # alpha 16: scale 2 instead of 4
+            parts["lora_B"] = parts["lora_B"] / 2
+        if module.endswith("v_proj"):
+            parts["lora_A"] = torch.cat([parts["lora_A"], torch.zeros_like(parts["lora_A"])])
+            parts["lora_B"] = torch.cat([parts["lora_B"], torch.zeros_like(parts["lora_B"])], dim=1)
+    reference, _ = adapter_on(copy.deepcopy(native_bases["qwen2"]), by_hand)
+    diff = (logits_of(patterned, "qwen2") - logits_of(reference, "qwen2")).abs().max()
+    assert diff <= 1e-9, diff
+
+
 # ---- refusals -------------------------------------------------------------------------------------------------
 
 
 def _rewrite(folder: Path, edit) -> None:
     file = folder / "adapter_model.safetensors"
     state = load_file(str(file))
-    save_file(edit(state), str(file), metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in edit(state).items()}, str(file), metadata={"format": "pt"})
 
 
 def test_lora_on_a_module_the_native_class_lacks_is_refused_by_name(tmp_path, adapter_dirs, native_bases):

@@ -450,7 +450,7 @@ def official_trained(foreign: ForeignCheckpoint, model, tolerance: float = 0.0) 
         for name, part in pairs:
             if name not in native or native[name].shape != part.shape:
                 raise AdapterError(f"{foreign.path}: {key}: does not fit the base ({name}); another base model?")
-            base = native[name].to(part.dtype)
+            base = native[name].detach().to("cpu", part.dtype)
             if not torch.allclose(base.float(), part.float(), rtol=0, atol=tolerance):
                 changed = True
         if changed and key in foreign.lora_base_keys:
