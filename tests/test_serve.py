@@ -461,6 +461,20 @@ def test_openai_client_raises_its_own_error_classes(server):
     assert httpx2.get(server.base + "/nowhere").json()["error"]["code"] == "not_found"
 
 
+def test_a_client_leaving_while_sending_its_body(server):
+    import socket
+
+    host, port = server.base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                  "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"model\": \"a\"".encode())
+        time.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while not any("client went away while sending" in r.getMessage() for r in server.logs.records):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
 def test_still_healthy_after_everything_and_never_a_500_or_traceback(server):
     assert httpx2.get(server.base + "/health").status_code == 200
     assert server.client.chat.completions.create(model="a", messages=[user("hi")]).choices[0].message.content

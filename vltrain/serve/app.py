@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from vltrain.data.media import MediaError
 from vltrain.data.records import IMAGE_TAG, VIDEO_TAG, RecordError
@@ -200,10 +201,13 @@ async def _body(request: Request, limit: int) -> bytes:
     if length.isdigit() and int(length) > limit:
         raise too_large
     body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise too_large
+    try:
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:
+        raise APIError(400, "the client went away while sending the request", code="client_disconnected") from None
     return bytes(body)
 
 
