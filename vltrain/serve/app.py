@@ -216,6 +216,8 @@ def _json(body: bytes):
         return json.loads(body)
     except ValueError as e:
         raise bad_request(f"the body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("the body's JSON is nested too deeply", code="invalid_json") from None
 
 
 def _check_text(text: str, param: str) -> str:
