@@ -221,6 +221,10 @@ def _json(body: bytes):
 
 
 def _check_text(text: str, param: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (JSON "\ud800"): no tokenizer takes it
+        raise bad_request(f"{param}: not valid Unicode text ({e.reason} at character {e.start})", param=param) from None
     for tag in _RESERVED:
         if tag in text:
             raise bad_request(f"{param}: {tag} in the text; images and videos go in image_url / video_url parts",
