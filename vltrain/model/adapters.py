@@ -649,6 +649,10 @@ def _template_of(base: str, model_type: str | None) -> tuple[str | None, str]:
 
     known = model_type if model_type in group_options("model") else None
     config_file = Path(base) / "config.json"
+    if not config_file.is_file() and not known and _looks_like_hub_id(base):
+        from vltrain.model.hub import resolve_model_path
+
+        config_file = resolve_model_path(base, files=["config.json"]) / "config.json"  # the base loads from there
     if config_file.is_file():
         config = _read_json(config_file)
         if config.get("template"):
@@ -657,7 +661,8 @@ def _template_of(base: str, model_type: str | None) -> tuple[str | None, str]:
         from vltrain.config import compose_config
 
         return known, compose_config([f"model={known}", "dataset.train=[unused.jsonl]"]).model.template
-    raise AdapterError(f"{base}: no template in its config.json and no known model type recorded; pass model=<type>")
+    raise AdapterError(f"{base}: no `template` in its config.json and no model type vltrain knows in the "
+                       "checkpoint's records; convert the base first or give an original-layout base (model.path=)")
 
 
 def foreign_config(foreign: ForeignCheckpoint, base: str, native: Lora | None = None):
