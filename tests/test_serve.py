@@ -451,6 +451,14 @@ def test_url_errors(server, media_server, path, code):
     assert response.json()["error"]["param"] == "messages[0].content[1].image_url.url"
 
 
+@pytest.mark.parametrize("url", ["http://", "http://[::1", "https://exa mple.com/x.png", "http://127.0.0.1:0/x.png",
+                                 "http://127.0.0.1:99999/x.png", "data:image/png;base64,", "ftp://127.0.0.1/x.png"])
+def test_malformed_urls(server, url):
+    response = post(server, chat(user(image_part(url))))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "messages[0].content[0].image_url.url"
+
+
 def test_url_host_not_allowed(server, media_server):
     url = media_server.url("/red.png").replace("127.0.0.1", "localhost")
     response = post(server, chat(user(image_part(url))))

@@ -17,13 +17,14 @@ import asyncio
 import base64
 import fnmatch
 import os
+import re
 import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
 
 from vltrain.data.media import MediaError, decode_base64, describe, is_data_uri, is_url
 from vltrain.serve.options import ServeOptions
-from vltrain.serve.schemas import bad_request
+from vltrain.serve.schemas import APIError, bad_request
 
 MAX_REDIRECTS = 5
 
@@ -61,10 +62,20 @@ async def fetch(url: str, param: str, options: ServeOptions, client) -> bytes:
                           param=param, code="media_fetch_failed") from None
 
 
-async def _fetch(url: str, param: str, options: ServeOptions, client) -> bytes:
-    import httpx2
+def _check_url(url: str, param: str) -> None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port out of range
+    except ValueError as e:
+        raise bad_request(f"{param}: {describe(url)}: not a valid URL ({e})", param=param,
+                          code="invalid_media_url") from None
+    if not parts.hostname or any(c.isspace() for c in url):
+        raise bad_request(f"{param}: {describe(url)}: not a valid URL", param=param, code="invalid_media_url")
 
+
+async def _fetch(url: str, param: str, options: ServeOptions, client) -> bytes:
     for _ in range(MAX_REDIRECTS + 1):
+        _check_url(url, param)
         if not host_allowed(url, options.media_allowed_hosts):
             raise bad_request(f"{param}: {describe(url)}: host not in media_allowed_hosts", param=param,
                               code="media_host_not_allowed")
@@ -89,14 +100,20 @@ async def _fetch(url: str, param: str, options: ServeOptions, client) -> bytes:
                         raise bad_request(f"{param}: {describe(url)}: more than media_max_bytes="
                                           f"{options.media_max_bytes} bytes", param=param, code="media_too_large")
                 return bytes(body)
-        except httpx2.HTTPError as e:
+        except APIError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever a URL makes the HTTP client raise is the URL's fault
             raise bad_request(f"{param}: {describe(url)}: {type(e).__name__}: {e}", param=param,
                               code="media_fetch_failed") from None
     raise bad_request(f"{param}: more than {MAX_REDIRECTS} redirects", param=param, code="media_fetch_failed")
 
 
 def _local_path(url: str, param: str, options: ServeOptions) -> str:
-    path = urllib.parse.unquote(urllib.parse.urlsplit(url).path) if url.lower().startswith("file://") else url
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", url)
+    if scheme and scheme[1].lower() != "file":
+        raise bad_request(f"{param}: {describe(url)}: only http(s) URLs and data: URIs are read", param=param,
+                          code="invalid_media_url")
+    path = urllib.parse.unquote(urllib.parse.urlsplit(url).path) if scheme else url
     if not options.allow_local_media:
         raise bad_request(f"{param}: {describe(url)}: only http(s) URLs and data: URIs are read "
                           "(server-side files need allow_local_media=true)", param=param, code="invalid_media_url")
