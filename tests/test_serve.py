@@ -459,6 +459,50 @@ def test_malformed_urls(server, url):
     assert response.json()["error"]["param"] == "messages[0].content[0].image_url.url"
 
 
+def test_a_video_that_is_not_one(server):
+    response = post(server, chat(user({"type": "video_url", "video_url": {"url": data_uri(png(), "video/mp4")}})))
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_video", response.text
+
+
+def test_mutated_requests_never_get_a_500(server, ckpts):
+    """Random changes to a valid request (a value of another type, a key dropped or added, at any depth): every
+    answer is a 200 or an OpenAI-shaped 4xx."""
+    import random
+
+    rng = random.Random(0)
+    odd = [None, 0, -1, 2**65, 1.5, float("inf"), "", "x" * 300, [], {}, [1], {"a": 1}, True, "<image>", "\u0000"]
+    valid = chat({"role": "system", "content": "Be brief."},
+                 user(image_part(data_uri(png((32, 32)))), "What is it?"),
+                 {"role": "assistant", "content": [{"type": "text", "text": "A square."}]},
+                 user("And its colour?"), max_tokens=2, temperature=0.5, top_p=0.9, stop=["x"], seed=1)
+
+    def mutate(node):
+        if isinstance(node, dict) and node:
+            key = rng.choice(list(node))
+            action = rng.random()
+            if action < 0.2:
+                return {k: v for k, v in node.items() if k != key}
+            if action < 0.3:
+                return {**node, rng.choice(["extra", "n", "tools", "logprobs", "stream"]): rng.choice(odd)}
+            return {**node, key: mutate(node[key]) if rng.random() < 0.6 else rng.choice(odd)}
+        if isinstance(node, list) and node:
+            i = rng.randrange(len(node))
+            return [*node[:i], mutate(node[i]) if rng.random() < 0.7 else rng.choice(odd), *node[i + 1:]]
+        return rng.choice(odd)
+
+    statuses = []
+    for _ in range(60):
+        body = mutate(mutate(valid))
+        if isinstance(body, dict) and body.get("max_tokens", 0) not in (1, 2):
+            body["max_tokens"] = 2  # keep the answers short
+        response = post(server, None, raw=json.dumps(body).encode())
+        statuses.append(response.status_code)
+        assert response.status_code in (200, 400, 404, 413), (body, response.text)
+        if response.status_code != 200:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert 200 in statuses and 400 in statuses
+
+
 def test_url_host_not_allowed(server, media_server):
     url = media_server.url("/red.png").replace("127.0.0.1", "localhost")
     response = post(server, chat(user(image_part(url))))
