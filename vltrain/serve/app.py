@@ -149,6 +149,7 @@ def create_app(served: ServedModels, options: ServeOptions) -> FastAPI:
         chat = schemas.parse_request(_json(await _body(request, options.max_body_bytes)))
         if chat.model not in served.names:
             raise _unknown_model(chat.model, served)
+        batcher.check_room()
         conversation, parts = _conversation(chat, served.takes_video)
         if len(parts) > options.max_images:
             raise bad_request(f"messages: {len(parts)} images and videos, more than this server takes "

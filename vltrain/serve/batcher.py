@@ -93,13 +93,18 @@ class Batcher:
     def start(self) -> None:
         self.thread.start()
 
+    def check_room(self) -> None:
+        """429 when the queue is full, 503 while shutting down (before a request's media are fetched and encoded;
+        `submit` checks again)."""
+        if self.closing:
+            raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
+        if self.active >= self.max_queue:
+            raise APIError(429, f"the server's queue is full ({self.max_queue} requests waiting or running); "
+                                "retry later", "rate_limit_error", code="queue_full")
+
     def submit(self, job: Job) -> None:
         with self.cond:
-            if self.closing:
-                raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
-            if self.active >= self.max_queue:
-                raise APIError(429, f"the server's queue is full ({self.max_queue} requests waiting or running); "
-                                    "retry later", "rate_limit_error", code="queue_full")
+            self.check_room()
             self.active += 1
             self.pending.append(job)
             self._gauges()
