@@ -7,7 +7,8 @@ of every InternVL tokenizer), cut at the template's stop token, without the temp
 `<|channel|>final<|message|>`, which the generation prompt leaves to the model, as the official `chat()` does).
 Decoding follows `model.generation_config` (greedy by default; sampling, `max_new_tokens`, `stop_words`); on a GPU
 a model held in fp32 generates under autocast in the compute dtype. The trainer's held-out scoring
-(`answer_records`), the Python API, the chat loop and evaluation all call this module.
+(`answer_records`), the Python API, the chat loop, evaluation and the server (`vltrain.serve`: `encode`,
+`generate_ids`, `decode`) all call this module.
 """
 
 from __future__ import annotations
