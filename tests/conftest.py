@@ -21,8 +21,8 @@ def shared_tokenizers() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer():
     """The embedded tiny tokenizer (the tiny model's) with the InternVL tokens, as the Hermes-2 template loads it."""
-    from vltrain.model.load import EMBEDDED_TOKENIZER
     from vltrain.model.tokenizer import add_internvl_tokens, load_tokenizer
+    from vltrain.model.vocab import EMBEDDED_TOKENIZER
 
     tok = load_tokenizer(EMBEDDED_TOKENIZER, template="Hermes-2")
     add_internvl_tokens(tok)
@@ -70,9 +70,9 @@ def _encode_cache_in_tmp(tmp_path_factory):
     import os
 
     os.environ["VLTRAIN_ENCODE_CACHE"] = str(tmp_path_factory.mktemp("encoded"))
-    from vltrain.data import dataset
+    from vltrain.data import encode_cache
 
-    dataset.DEFAULT_ENCODE_CACHE = Path(os.environ["VLTRAIN_ENCODE_CACHE"])
+    encode_cache.DEFAULT_ENCODE_CACHE = Path(os.environ["VLTRAIN_ENCODE_CACHE"])
 
 
 @pytest.fixture(params=["decord", "pyav"])

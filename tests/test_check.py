@@ -15,10 +15,10 @@ from PIL import Image
 from vltrain.cli.check import main
 from vltrain.config import compose_config
 from vltrain.data.check import SKIPPED_ROWS, DataError, check_records, check_splits, enforce
-from vltrain.data.dataset import load_splits
 from vltrain.data.encode import IGNORE_INDEX
 from vltrain.data.inspect import render_plain, render_rich, tiles_grid, token_runs
 from vltrain.data.records import RecordError
+from vltrain.data.specs import load_splits
 from vltrain.data.tiling import image_to_pixel_values
 from vltrain.model.load import make_encoder
 

@@ -13,8 +13,8 @@ import torch
 
 from vltrain.config import ConfigError, compose_config
 from vltrain.data.collator import collate
-from vltrain.data.dataset import load_splits
 from vltrain.data.demo import write_demo_dataset
+from vltrain.data.specs import load_splits
 from vltrain.manifest import (
     COMPLETE_FILE,
     complete_checkpoints,

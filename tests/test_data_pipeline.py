@@ -9,11 +9,13 @@ import pytest
 import torch
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
+from vltrain import speed
 from vltrain.config import compose_config
-from vltrain.data import dataset as ds
-from vltrain.data.dataset import PackedDataset, share_cores
+from vltrain.data import encode_cache
+from vltrain.data.dataset import PackedDataset
 from vltrain.data.demo import write_demo_dataset
 from vltrain.data.tiling import normalise
+from vltrain.speed import share_cores
 from vltrain.train.recipe import build_trainer
 
 pytestmark = pytest.mark.slow
@@ -36,7 +38,7 @@ def config(tmp_path, demo, *extra):
 def test_a_second_run_on_the_same_data_encodes_nothing(tmp_path, demo, monkeypatch):
     first = build_trainer(config(tmp_path / "a", demo))
     with monkeypatch.context() as patch:
-        patch.setattr(ds, "encode_row", lambda *a: pytest.fail("encoded again"))
+        patch.setattr(encode_cache, "encode_row", lambda *a: pytest.fail("encoded again"))
         second = build_trainer(config(tmp_path / "b", demo))  # another run folder, the same cache
     assert len(second.train_dataset) == len(first.train_dataset) == 40
     samples = second.train_dataset.dataset  # the training set, under its seeded (epoch, index) order
@@ -92,8 +94,8 @@ def test_torch_threads_leave_the_workers_their_cores(monkeypatch):
 
 
 def test_allocator_keeps_freed_memory_once_per_process():
-    assert ds.keep_freed_memory() is True  # glibc on Linux
-    assert os.getpid() in ds._ALLOCATOR_TUNED and ds.keep_freed_memory() is True
+    assert speed.keep_freed_memory() is True  # glibc on Linux
+    assert os.getpid() in speed._ALLOCATOR_TUNED and speed.keep_freed_memory() is True
 
 
 class _StrategyProbe(torch.utils.data.Dataset):
@@ -101,7 +103,7 @@ class _StrategyProbe(torch.utils.data.Dataset):
         return 2
 
     def __getitem__(self, index):
-        ds.ready_data_process()
+        speed.ready_data_process()
         return torch.multiprocessing.get_sharing_strategy()
 
 
@@ -109,5 +111,5 @@ def test_workers_hand_tensors_over_by_name_and_the_main_process_is_left_alone():
     before = torch.multiprocessing.get_sharing_strategy()
     loader = torch.utils.data.DataLoader(_StrategyProbe(), batch_size=None, num_workers=1)
     assert list(loader) == ["file_system", "file_system"]
-    ds.ready_data_process()  # in the main process: nothing changes
+    speed.ready_data_process()  # in the main process: nothing changes
     assert torch.multiprocessing.get_sharing_strategy() == before

@@ -14,17 +14,13 @@ import torch
 from PIL import Image
 
 from vltrain.config import ConfigError, DatasetConfig
-from vltrain.data import dataset as ds
-from vltrain.data.dataset import (
-    EncodedDataset,
-    HubUnavailable,
-    PreEncodedDataset,
-    encode_with_datasets,
-    load_splits,
-    read_spec,
-)
+from vltrain.data import encode_cache as cache_module
+from vltrain.data import specs
+from vltrain.data.dataset import EncodedDataset, PreEncodedDataset
 from vltrain.data.encode import Encoder
+from vltrain.data.encode_cache import encode_with_datasets
 from vltrain.data.records import RecordError
+from vltrain.data.specs import HubUnavailable, load_splits, read_spec
 from vltrain.data.tiling import IMAGENET_MEAN, IMAGENET_STD, denormalise, normalise
 
 
@@ -59,10 +55,10 @@ def test_spec_n_samples_the_same_rows_from_a_relative_or_absolute_path(numbered,
     """A run's saved config holds absolute specs (`absolute_spec`); they must select the rows the run used."""
     monkeypatch.chdir(numbered.parent)
     relative = responses(read_spec("numbered.jsonl#4", seed=1))
-    assert ds.absolute_spec("numbered.jsonl#4") == f"{numbered}#4"
-    assert responses(read_spec(ds.absolute_spec("numbered.jsonl#4"), seed=1)) == relative
+    assert specs.absolute_spec("numbered.jsonl#4") == f"{numbered}#4"
+    assert responses(read_spec(specs.absolute_spec("numbered.jsonl#4"), seed=1)) == relative
     for hub_spec in ("coco-en-2-mini", "coco-en-2-mini#100", "HF::coco-en-2-mini#5", "MS::coco-en-2"):
-        assert ds.absolute_spec(hub_spec) == hub_spec
+        assert specs.absolute_spec(hub_spec) == hub_spec
 
 
 def test_spec_n_above_size_repeats_every_row(numbered):
@@ -164,7 +160,7 @@ def test_hub_rows_become_a_jsonl_with_image_files_and_are_reused_offline(tmp_pat
         calls.append((name, hub))
         return _fake_hub_rows(6)
 
-    monkeypatch.setattr(ds, "_fetch_hub_rows", fetch)
+    monkeypatch.setattr(specs, "_fetch_hub_rows", fetch)
     records = read_spec("coco-en-2-mini#4", seed=3, cache_dir=tmp_path)
     assert calls == [("coco-en-2-mini", "HF")]
     assert len(records) == 4 and len({r.response for r in records}) == 4
@@ -175,14 +171,14 @@ def test_hub_rows_become_a_jsonl_with_image_files_and_are_reused_offline(tmp_pat
             assert image.size == (40 + index, 30)  # the row's own image, saved as a file
         assert r.source.endswith("rows-4-seed3.jsonl")
     # Cached: no fetch the second time (offline works), same rows.
-    monkeypatch.setattr(ds, "_fetch_hub_rows", lambda *a: pytest.fail("fetched again"))
+    monkeypatch.setattr(specs, "_fetch_hub_rows", lambda *a: pytest.fail("fetched again"))
     assert [r.response for r in read_spec("coco-en-2-mini#4", seed=3, cache_dir=tmp_path)] == \
         [r.response for r in records]
 
 
 def test_caption_rules():
-    assert ds._caption("a dog&&two dogs") == "a dog"
-    assert ds._caption(["first", "second"]) == "first"
+    assert specs._caption("a dog&&two dogs") == "a dog"
+    assert specs._caption(["first", "second"]) == "first"
 
 
 # ---- lazy vs datasets -------------------------------------------------------------------------------------------
@@ -224,7 +220,7 @@ def test_datasets_encoding_gives_identical_samples(tmp_path, encoder, mixed):
     lazy = EncodedDataset(records, encoder)
     good = [i for i in range(len(records)) if not encoded[i]["error"]]
     assert good == [0, 1, 2, 3, 4]  # the row whose image does not decode failed, with its location
-    error = ds.row_error(encoded[5])
+    error = cache_module.row_error(encoded[5])
     assert (Path(error.source).name, error.line, error.row, error.field) == ("mixed.jsonl", 6, 6, "images[0]")
     up_front = PreEncodedDataset(encoded, good)
     for k, i in enumerate(good):
@@ -246,7 +242,7 @@ def test_cache_rows_read_back_from_any_position_of_a_record_batch(encoder, mixed
     import pyarrow as pa
 
     records = mixed[:5]
-    table = pa.concat_tables([ds.row_table(ds.encode_row(encoder, r)) for r in records]).combine_chunks()
+    table = pa.concat_tables([cache_module.row_table(cache_module.encode_row(encoder, r)) for r in records]).combine_chunks()
     assert table.column("input_ids").num_chunks == 1
     served = PreEncodedDataset(datasets.Dataset(table))
     for i, record in enumerate(records):
@@ -269,14 +265,14 @@ def test_datasets_cache_is_reused_and_keyed_by_media(tmp_path, encoder, mixed, m
     first = encode_with_datasets(records, encoder, cache)
     assert len(entries(cache)) == 1
     with monkeypatch.context() as patch:
-        patch.setattr(ds, "encode_row", lambda *a: pytest.fail("encoded again"))
+        patch.setattr(cache_module, "encode_row", lambda *a: pytest.fail("encoded again"))
         again = encode_with_datasets(records, encoder, cache)
     assert again[2]["input_ids"] == first[2]["input_ids"]
     assert len(entries(cache)) == 1
     # Another encoder setting is another entry.
     other = Encoder(encoder.tokenizer, "Hermes-2", None, max_tiles=2, max_length=4096, image_tokens_per_tile=4)
     with monkeypatch.context() as patch:
-        patch.setattr(ds, "encode_row", lambda *a: pytest.fail("encoded again"))
+        patch.setattr(cache_module, "encode_row", lambda *a: pytest.fail("encoded again"))
         with pytest.raises(pytest.fail.Exception, match="encoded again"):
             encode_with_datasets(records, other, cache)
     assert len(entries(cache)) == 1  # the failed encoding left nothing behind
@@ -309,7 +305,7 @@ def test_spec_whose_rows_are_all_bad(tmp_path, caplog):
     warning says so); without, the first bad row is the error."""
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"query": "q", "response": ""}, {"query": 1, "response": "a"}])
     errors: list[RecordError] = []
-    with caplog.at_level("WARNING", logger="vltrain.data.dataset"):
+    with caplog.at_level("WARNING", logger="vltrain.data.specs"):
         assert read_spec(f"{bad}#5", seed=0, errors=errors) == []
     assert [(e.line, e.field) for e in errors] == [(1, "response"), (2, "query")]
     assert "none of the rows of" in caplog.text and "#5" in caplog.text

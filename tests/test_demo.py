@@ -24,7 +24,7 @@ from vltrain.data.demo import (
     question_text,
     write_demo_dataset,
 )
-from vltrain.model.load import EMBEDDED_TOKENIZER
+from vltrain.model.vocab import EMBEDDED_TOKENIZER
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, N_VAL = 400, 80

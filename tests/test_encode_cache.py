@@ -150,7 +150,7 @@ def test_a_killed_write_leaves_no_entry_and_a_finished_one_is_in_use(tmp_path):
 def test_encoding_keeps_the_cache_within_its_budget(tmp_path, monkeypatch):
     """Three runs on different records with a budget that holds two of their entries: the first is evicted when
     the third is written; a run whose entry alone exceeds the budget keeps it while it runs."""
-    import vltrain.data.dataset as ds
+    import vltrain.data.encode_cache as ds
     from vltrain.config import compose_config
     from vltrain.data.demo import write_demo_dataset
     from vltrain.data.records import read_records

@@ -136,7 +136,7 @@ def test_scores():
 def test_held_out_split_is_training_s_and_a_changed_file_is_named(tmp_path, demo, caplog):
     ckpt = make_lora_checkpoint(tmp_path / "run", demo, val=False)
     _, _, cfg = load_checkpoint(ckpt)
-    from vltrain.data.dataset import load_splits
+    from vltrain.data.specs import load_splits
 
     train, val = load_splits(cfg.dataset)
     held = held_out_records(cfg, ckpt)
@@ -164,7 +164,7 @@ def test_the_manifest_of_a_run_on_relative_paths_names_the_held_out_rows(tmp_pat
     evaluation from another folder (the saved config names the files absolutely) finds every held-out row."""
     import dataclasses
 
-    from vltrain.data.dataset import load_splits
+    from vltrain.data.specs import load_splits
     from vltrain.manifest import data_manifest
 
     ckpt = make_lora_checkpoint(tmp_path / "run", demo, val=False)

@@ -229,7 +229,8 @@ def test_original_layout_is_converted_once_and_loads_the_same(tmp_path, monkeypa
 
     import torch
 
-    from vltrain.model.load import converted_copy, load_model, load_tokenizer_for
+    from vltrain.model.load import converted_copy, load_model
+    from vltrain.model.vocab import load_tokenizer_for
 
     script = REPO / "scripts" / "make_tiny_original.py"
     spec = importlib.util.spec_from_file_location("make_tiny_original", script)
@@ -258,7 +259,8 @@ def test_device_map_loading_on_cpu(tmp_path):
     """The device-map path end to end where only the CPU exists: a planned (callable) map and an explicit one."""
     import torch
 
-    from vltrain.model.load import load_model, load_tokenizer_for
+    from vltrain.model.load import load_model
+    from vltrain.model.vocab import load_tokenizer_for
 
     cfg = compose_config(["dataset=custom", f"dataset.train=[{tmp_path / 'x.jsonl'}]"])
     tokenizer = load_tokenizer_for(cfg.model)

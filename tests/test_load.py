@@ -14,16 +14,13 @@ import pytest
 import torch
 
 from vltrain.config import ConfigError, compose_config
-from vltrain.model import load
+from vltrain.model import placement
 from vltrain.model.catalog import MODEL_TYPES, PUBLISHED_PARAMS_B, count_parameters, load_model_config
 from vltrain.model.geometry import model_geometry
 from vltrain.model.internvl import InternVLPsV1ForConditionalGeneration, drop_path_rates
-from vltrain.model.load import (
-    INT8_SKIP_MODULES,
-    load_model,
-    load_model_tokenizer,
-    load_tokenizer_for,
-)
+from vltrain.model.load import load_model, load_model_tokenizer
+from vltrain.model.placement import INT8_SKIP_MODULES
+from vltrain.model.vocab import load_tokenizer_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,7 +138,7 @@ def test_attention_choices(monkeypatch):
     with pytest.raises(ConfigError, match="'flash' is not one of sdpa, eager, flash_attention_2"):
         load_tokenizer_for(missing)
     # transformers' own check (flash_attn >= 2.3.3 installed, and a CUDA GPU) decides; the message says both needs
-    monkeypatch.setattr(load, "is_flash_attn_2_available", lambda: False)
+    monkeypatch.setattr(placement, "is_flash_attn_2_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ConfigError, match=r"no usable flash-attn 2 here; it needs a CUDA GPU and the flash_attn "
                                           r"package >= 2\.3\.3 .*use model.attn_impl=sdpa"):
@@ -152,7 +149,7 @@ def test_attention_choices(monkeypatch):
 
 
 def test_int8_without_bitsandbytes_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr(load, "is_bitsandbytes_available", lambda: False)  # transformers' check (with min version)
+    monkeypatch.setattr(placement, "is_bitsandbytes_available", lambda: False)  # transformers' check (with min version)
     with pytest.raises(ConfigError, match=r"bitsandbytes is not installed \(`pip install bitsandbytes`\)"):
         load_tokenizer_for(tiny(load_in_8bit=True, init="pretrained", path="/nonexistent/model"))
 
@@ -161,7 +158,7 @@ def test_int8_where_bitsandbytes_cannot_run(monkeypatch):
     cuda_only = types.ModuleType("bitsandbytes")  # a release before the multi-backend ones
     cuda_only.__version__, cuda_only.supported_torch_devices = "0.42.0", {"cuda"}
     monkeypatch.setitem(sys.modules, "bitsandbytes", cuda_only)
-    monkeypatch.setattr(load, "is_bitsandbytes_available", lambda: True)
+    monkeypatch.setattr(placement, "is_bitsandbytes_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"this bitsandbytes \(0\.42\.0\) cannot run 8-bit layers without a CUDA "
                                           r"GPU \(it supports: cuda\)"):

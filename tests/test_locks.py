@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vltrain.data import dataset as ds
+from vltrain.data import specs
 from vltrain.data.demo import write_demo_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -41,13 +41,13 @@ def _fetch_slowly(log: Path):
 
 
 def _hub_worker(cache: str, out: str):
-    path = ds.hub_spec_file("coco-en-2-mini", None, 3, 0, Path(cache))
+    path = specs.hub_spec_file("coco-en-2-mini", None, 3, 0, Path(cache))
     Path(out).write_text(path.read_text())
 
 
 def test_hub_rows_fetched_once_by_racing_processes(tmp_path, monkeypatch):
     log = tmp_path / "fetches.log"
-    monkeypatch.setattr(ds, "_fetch_hub_rows", _fetch_slowly(log))
+    monkeypatch.setattr(specs, "_fetch_hub_rows", _fetch_slowly(log))
     procs = [FORK.Process(target=_hub_worker, args=(str(tmp_path / "cache"), str(tmp_path / f"out{i}")))
              for i in range(2)]
     for p in procs:

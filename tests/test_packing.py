@@ -10,9 +10,10 @@ import torch
 
 from vltrain.config import compose_config
 from vltrain.data.collator import Collator, collate, collate_packed, model_inputs
-from vltrain.data.dataset import EncodedDataset, PackedDataset, load_splits, pack_groups
+from vltrain.data.dataset import EncodedDataset, PackedDataset, pack_groups
 from vltrain.data.demo import write_demo_dataset
 from vltrain.data.encode import IGNORE_INDEX, Sample
+from vltrain.data.specs import load_splits
 from vltrain.model.load import load_model_tokenizer, make_encoder
 
 

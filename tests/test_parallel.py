@@ -137,7 +137,7 @@ def test_lora_adapters_agree_across_modes(runs):
 
 
 def test_zero3_created_partitioned_and_checkpoint_reloads(runs):
-    from vltrain.data.dataset import load_splits
+    from vltrain.data.specs import load_splits
     from vltrain.model.load import load_checkpoint
 
     sweeps, logs = runs

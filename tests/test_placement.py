@@ -12,7 +12,9 @@ import torch
 from accelerate.utils import compute_module_sizes
 
 from vltrain.config import ConfigError, SftConfig, compose_config
-from vltrain.model.load import INT8_SKIP_MODULES, load_model, load_tokenizer_for, planning_model
+from vltrain.model.load import load_model
+from vltrain.model.placement import INT8_SKIP_MODULES, planning_model
+from vltrain.model.vocab import load_tokenizer_for
 from vltrain.train.parallel import parse_size, placement_units, plan_device_map
 
 needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
@@ -117,7 +119,7 @@ def _per_unit_plan(model_on_meta) -> dict[str, str]:
 
 
 def test_8bit_layers_go_where_the_plan_puts_them():
-    from vltrain.model.load import _int8_device_of
+    from vltrain.model.placement import _int8_device_of
 
     plan = {"model.vision_tower": 0, "model.language_model.layers.0": 0, "model.language_model.layers.1": 1,
             "lm_head": "cpu"}

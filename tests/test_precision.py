@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from vltrain.model.load import native_bf16, resolve_dtype
+from vltrain.model.placement import native_bf16, resolve_dtype
 
 
 @pytest.fixture

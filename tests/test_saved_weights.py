@@ -10,7 +10,8 @@ import torch
 from transformers import InternVLForConditionalGeneration
 
 from vltrain.config import ConfigError, compose_config
-from vltrain.model.load import load_model, load_saved_weights, load_tokenizer_for
+from vltrain.model.load import load_model, load_saved_weights
+from vltrain.model.vocab import load_tokenizer_for
 from vltrain.train.trainer import VLTrainer
 
 

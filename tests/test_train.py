@@ -10,8 +10,8 @@ import torch
 
 from vltrain.config import TrainConfig, compose_config
 from vltrain.data.collator import collate
-from vltrain.data.dataset import load_splits
 from vltrain.data.demo import write_demo_dataset
+from vltrain.data.specs import load_splits
 from vltrain.model.load import load_checkpoint, load_model_tokenizer, make_encoder
 from vltrain.train.recipe import build_trainer
 

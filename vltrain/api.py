@@ -69,10 +69,11 @@ def get_model_tokenizer(model_type: str, torch_dtype: torch.dtype | None = None,
                         load_model: bool = True, *, model_id_or_path: str | None = None, **kwargs):
     """(model, tokenizer) of a model type (`conf/model/<type>.yaml`); `model_id_or_path` replaces its
     `model.path` (a folder, an original-layout folder or a hub id). `torch_dtype` None: the type's dtype (`auto`:
-    bf16 on a GPU that computes it natively, fp16 on an older GPU, fp32 on CPU; `load.resolve_dtype`). `model_kwargs['device_map']`: 'auto' (default), 'cpu', 'cuda:0' or a
-    dict. `load_model=False` returns (None, tokenizer)."""
+    bf16 on a GPU that computes it natively, fp16 on an older GPU, fp32 on CPU; `placement.resolve_dtype`).
+    `model_kwargs['device_map']`: 'auto' (default), 'cpu', 'cuda:0' or a dict. `load_model=False` returns (None,
+    tokenizer)."""
     from vltrain.model.load import load_model as build_model
-    from vltrain.model.load import load_tokenizer_for
+    from vltrain.model.vocab import load_tokenizer_for
 
     cfg = _model_config(model_type, model_id_or_path)
     if torch_dtype is not None:

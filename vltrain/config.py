@@ -635,7 +635,7 @@ def run_config_yaml(cfg: TrainConfig) -> str:
     """The resolved config as a run saves it: data paths made absolute, so a checkpoint is usable from any folder."""
     import yaml
 
-    from vltrain.data.dataset import absolute_spec
+    from vltrain.data.specs import absolute_spec
 
     data = dataclasses.asdict(cfg)
     data["dataset"]["train"] = [absolute_spec(s) for s in cfg.dataset.train]

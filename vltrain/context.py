@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from vltrain.config import ConfigError
+
 
 @dataclass(frozen=True)
 class ProcessContext:
@@ -48,7 +50,8 @@ class ProcessContext:
             try:
                 return int(value) if value else default
             except ValueError:
-                return default
+                raise ConfigError(f"{key}={value}: not a whole number (set by the launcher: torchrun, deepspeed)") \
+                    from None
 
         return cls(rank=number("RANK", 0), local_rank=number("LOCAL_RANK", 0),
                    world_size=number("WORLD_SIZE", 1), local_world_size=number("LOCAL_WORLD_SIZE", 1))

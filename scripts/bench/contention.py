@@ -2,7 +2,7 @@
 
 Runs `step.py --train-only` (the demo's tiny-model training, one data worker) four times in fresh processes:
 idle and with one competing busy process, each with vltrain's thread budget (torch's intra-op threads on the
-cores the data workers leave free, `vltrain.data.dataset.share_cores`) and with torch's default of one thread
+cores the data workers leave free, `vltrain.speed.share_cores`) and with torch's default of one thread
 per core (`OMP_NUM_THREADS=<cores>`, what the demo did before). Goal: with the competitor, at least the fair share
 of the cores (>= 0.5x idle on 2 cores).
 

@@ -42,18 +42,15 @@ import torch
 from PIL import Image, ImageDraw
 
 from vltrain.data.check import iter_outcomes, outcome_from_encoded_row
-from vltrain.data.dataset import (
-    PreEncodedDataset,
-    encode_row,
-    encode_with_datasets,
-    keep_freed_memory,
-)
+from vltrain.data.dataset import PreEncodedDataset
 from vltrain.data.encode import Encoder
+from vltrain.data.encode_cache import encode_row, encode_with_datasets
 from vltrain.data.media import load_image, load_video_frames
 from vltrain.data.records import Record, read_records
 from vltrain.data.tiling import TILE_SIZE, choose_grid, normalise
-from vltrain.model.load import EMBEDDED_TOKENIZER
 from vltrain.model.tokenizer import add_internvl_tokens, load_tokenizer
+from vltrain.model.vocab import EMBEDDED_TOKENIZER
+from vltrain.speed import keep_freed_memory
 
 # ../shared/tokenizers next to the checkout
 SHARED_INTERNLM2 = Path(__file__).resolve().parents[3] / "shared" / "tokenizers" / "internlm2"
@@ -250,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                              "skipped when absent)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    keep_freed_memory()  # as the DataLoader workers do (vltrain.data.dataset)
+    keep_freed_memory()  # as the DataLoader workers do (vltrain.speed)
     print(f"load average before: {os.getloadavg()[0]:.2f} (cores: {os.cpu_count()}); one process per row")
     real = SHARED_INTERNLM2.is_dir()
     tokenizer_dir = SHARED_INTERNLM2 if real else EMBEDDED_TOKENIZER
@@ -363,7 +360,7 @@ def datasets_api(records: list[Record], encoder: Encoder, folder: Path, procs: i
     `Dataset.map(num_proc=...)` over an index column."""
     import datasets
 
-    from vltrain.data.dataset import _features, fingerprint
+    from vltrain.data.encode_cache import _features, fingerprint
 
     bounds = [len(records) * k // procs for k in range(procs + 1)]
     shards = [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
@@ -395,7 +392,7 @@ def cache_writers(records: list[Record], encoder: Encoder, folder: Path, rounds:
     turns, each into a fresh file."""
     from datasets.arrow_writer import ArrowWriter
 
-    from vltrain.data.dataset import _features, row_table
+    from vltrain.data.encode_cache import _features, row_table
 
     rows = [encode_row(encoder, record) for record in records]
     python_rows = [_python_row(row) for row in rows]

@@ -72,8 +72,8 @@ def build(name: str, device, dtype, attn: str, smoke: bool):
     if "vocab_size" in cfg.model.arch.get("llm", {}):
         config = internvl_config(cfg.model.arch, attn_impl=attn)
     else:  # the tiny model takes its vocabulary from the embedded tokenizer
-        from vltrain.model.load import load_tokenizer_for
         from vltrain.model.tokenizer import IMAGE_CONTEXT_TOKEN
+        from vltrain.model.vocab import load_tokenizer_for
 
         tokenizer = load_tokenizer_for(cfg.model)
         config = internvl_config(cfg.model.arch, vocab_size=len(tokenizer), attn_impl=attn,

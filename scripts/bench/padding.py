@@ -29,8 +29,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from vltrain.data.dataset import pack_groups
 from vltrain.data.tiling import num_tiles
-from vltrain.model.load import EMBEDDED_TOKENIZER
 from vltrain.model.tokenizer import add_internvl_tokens, load_tokenizer
+from vltrain.model.vocab import EMBEDDED_TOKENIZER
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import SHARED_INTERNLM2, SIZES, WORDS  # noqa: E402

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vltrain.config import ConfigError
-from vltrain.data.dataset import parallel_map, row_error, try_encode
 from vltrain.data.encode import IGNORE_INDEX, Encoder
+from vltrain.data.encode_cache import parallel_map, row_error, try_encode
 from vltrain.data.records import Record, RecordError
 from vltrain.progress import progress
 
@@ -67,7 +67,7 @@ def iter_outcomes(records: list[Record], encoder: Encoder, num_proc: int = 1,
 
 
 def outcome_from_encoded_row(row: dict) -> Outcome:
-    """The Outcome of one row of `vltrain.data.dataset.encode_with_datasets`."""
+    """The Outcome of one row of `vltrain.data.encode_cache.encode_with_datasets`."""
     error = row_error(row)
     if error is not None:
         return Outcome(error=error)

@@ -2,7 +2,7 @@
 
 Tiles arrive as uint8 pixels (4x fewer bytes than floats); they are normalised here with the function the encoder
 uses (`vltrain.data.tiling.normalise`, the same bits), or left uint8 for the trainer to normalise on its device
-(what training does: `VLTrainer._prepare_inputs`).
+(what training does: `vltrain.speed.FastSteps._prepare_inputs`).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class Collator:
     """A picklable `collate` bound to a pad id, for DataLoader workers. With `packing`, items are packs (lists of
     samples, `vltrain.data.dataset.PackedDataset`) and a batch of packs becomes one packed row.
     `normalise_tiles=False` leaves uint8 tiles uint8 (4x fewer bytes from the workers and to the device, where the
-    trainer normalises them: `VLTrainer._prepare_inputs`)."""
+    trainer normalises them: `vltrain.speed.FastSteps._prepare_inputs`)."""
 
     def __init__(self, pad_id: int, padding_side: str = "right", packing: bool = False,
                  normalise_tiles: bool = True):

@@ -16,9 +16,10 @@ import torch
 
 from vltrain.config import ConfigError, TrainConfig
 from vltrain.data.check import CheckReport, Outcome, check_splits
-from vltrain.data.dataset import load_splits, try_encode
 from vltrain.data.encode import IGNORE_INDEX, Encoder
+from vltrain.data.encode_cache import try_encode
 from vltrain.data.records import Record, RecordError
+from vltrain.data.specs import load_splits
 from vltrain.data.tiling import denormalise
 from vltrain.model.load import make_encoder
 from vltrain.model.tokenizer import IMAGE_CONTEXT_TOKEN
@@ -184,7 +185,7 @@ def run_check(cfg: TrainConfig, options: CheckOptions) -> CheckReport:
 def cache_command(cfg: TrainConfig, action: str) -> int:
     """`cache=info` or `cache=clear` on the encode cache of `cfg`."""
     from vltrain.data.cache_store import EncodeCache, describe
-    from vltrain.data.dataset import DEFAULT_ENCODE_CACHE
+    from vltrain.data.encode_cache import DEFAULT_ENCODE_CACHE
 
     if action not in ("info", "clear"):
         raise ConfigError(f"cache: '{action}' is not one of info, clear")

@@ -32,7 +32,7 @@ from vltrain.data.grounding import fill_placeholders
 from vltrain.data.records import Record, parse_row, round_field
 from vltrain.data.templates import reply_text
 from vltrain.model.generation import stop_token_id
-from vltrain.model.load import resolve_dtype
+from vltrain.model.placement import resolve_dtype
 
 DEFAULT_MAX_NEW_TOKENS = 2048  # ms-swift's infer default when the generation config sets none
 

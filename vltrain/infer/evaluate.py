@@ -135,7 +135,7 @@ def _local_files(dataset) -> list[Path]:
 
 def held_out_records(cfg, ckpt_dir: Path | None = None) -> list[Record]:
     """The records training held out (see the module docstring); rows that no longer parse are logged."""
-    from vltrain.data.dataset import load_splits
+    from vltrain.data.specs import load_splits
 
     manifest = None
     if ckpt_dir is not None and (Path(ckpt_dir) / MANIFEST_FILE).is_file():

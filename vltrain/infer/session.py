@@ -133,7 +133,7 @@ def infer(cfg: TrainConfig, options: InferOptions, val_given: bool = False,
         from vltrain.infer.evaluate import evaluate, held_out_records
 
         if val_given:
-            from vltrain.data.dataset import read_spec
+            from vltrain.data.specs import read_spec
 
             records = [r for i, spec in enumerate(cfg.dataset.val)
                        for r in read_spec(spec, cfg.dataset.seed, key=f"dataset.val[{i}]")]

@@ -745,7 +745,9 @@ def load_foreign(path: str | Path, model_path: str | None = None, dtype: torch.d
     """(peft model, tokenizer, TrainConfig) of a foreign LoRA checkpoint: its base loaded as vltrain loads any
     model (an original-layout base converted on the way), the adapter converted onto it."""
     from vltrain.model.generation import configure_generation
-    from vltrain.model.load import load_model, load_tokenizer_for, resolve_dtype
+    from vltrain.model.load import load_model
+    from vltrain.model.placement import resolve_dtype
+    from vltrain.model.vocab import load_tokenizer_for
 
     foreign = read_foreign(path)
     base = resolve_base(foreign, model_path)

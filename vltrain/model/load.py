@@ -1,10 +1,13 @@
-"""Model and tokenizer loading: transformers' native InternVLForConditionalGeneration, random or pretrained.
+"""Building and loading models: transformers' native InternVLForConditionalGeneration, random or pretrained, and
+checkpoints of a run.
 
 `model.path` is a local folder or a hub id (downloaded by `vltrain.model.hub`). A folder is either HF-native
 (config.json of an `internvl` model; loaded with `from_pretrained`, ps-v1 checkpoints with their subclass) or the
 original layout OpenGVLab publishes (`InternVLChatModel`, converted while loading by `vltrain.model.convert`).
 `init: random` builds the architecture in `model.arch` with random weights and needs no file at all: vocabulary
 size and `image_token_id` come from `arch` when there is no tokenizer (benchmarks, parameter counts on `meta`).
+Around it: the tokenizer of a config (vltrain.model.vocab), dtype, 8-bit and device placement
+(vltrain.model.placement), saving partitioned weights and their digest (vltrain.model.save).
 
 Typical use, tokenizer first so that the data can be checked before any weight is read:
 
@@ -29,121 +32,27 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.utils import is_bitsandbytes_available, is_flash_attn_2_available
 
 from vltrain.config import ConfigError, ModelConfig, SftConfig
-from vltrain.context import process
 from vltrain.data.encode import Encoder
 from vltrain.manifest import BASE_RECORD, RUN_CONFIG
 from vltrain.model.generation import configure_generation
 from vltrain.model.geometry import model_geometry, tokens_per_tile, vision_geometry
 from vltrain.model.hub import resolve_model_path
-from vltrain.model.tokenizer import IMAGE_CONTEXT_TOKEN, add_internvl_tokens, load_tokenizer
+from vltrain.model.placement import (
+    check_model_config,
+    int8_config,
+    int8_device,
+    model_class_of,
+    quantize_llm_8bit,
+    resolve_device_map,
+    resolve_dtype,
+)
+from vltrain.model.save import weights_digest
+from vltrain.model.tokenizer import IMAGE_CONTEXT_TOKEN, load_tokenizer
+from vltrain.model.vocab import load_tokenizer_for
 
 log = logging.getLogger(__name__)
-
-EMBEDDED_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "tiny_tokenizer"
-
-ATTN_IMPLS = ("sdpa", "eager", "flash_attention_2")
-
-# Files a tokenizer can need (the weights are fetched only when the model loads).
-TOKENIZER_FILES = ["config.json", "tokenizer*", "*.model", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template*"]
-
-# 8-bit weights go to the LLM's linear layers only. The vision tower and projector are small next to the LLM
-# (0.3B of InternVL2-8B; 6B of 26B-76B but run once per tile, not per token) and their outputs feed every image
-# token, so int8 rounding there costs accuracy for little memory; the LM head stays exact for the logits
-# (transformers' and bitsandbytes' own rule). LoRA adapters train on top of the frozen 8-bit LLM.
-INT8_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
-INT8_THRESHOLD = 6.0  # LLM.int8() outlier threshold (transformers' BitsAndBytesConfig default)
-
-
-def native_bf16() -> bool:
-    """Whether this process's GPU computes bf16 natively: NVIDIA compute capability 8.0 (Ampere) and later, or a
-    ROCm GPU. torch's plain `is_bf16_supported()` also answers yes on a V100 or T4 (7.x), where bf16 runs emulated
-    through fp32 at a fraction of fp16's speed; those get fp16."""
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """The compute dtype of `model.dtype`, for training and inference alike. `auto`: bf16 on a GPU that computes it
-    natively (`native_bf16`), fp16 on another GPU, fp32 on CPU (CPU bf16 is slow and lossy)."""
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.float32
-        return torch.bfloat16 if native_bf16() else torch.float16
-    if name == "bf16" and torch.cuda.is_available() and not native_bf16():
-        major, minor = torch.cuda.get_device_capability()
-        log.warning("model.dtype=bf16 on a GPU of compute capability %d.%d, which emulates bf16 (slowly); "
-                    "model.dtype=auto picks fp16 there", major, minor)
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def check_model_config(cfg: ModelConfig) -> None:
-    """What can be known wrong before anything big loads: the attention implementation and 8-bit support (asked of
-    transformers' own availability checks, which also know the minimum versions)."""
-    if cfg.attn_impl not in ATTN_IMPLS:
-        raise ConfigError(f"model.attn_impl: '{cfg.attn_impl}' is not one of {', '.join(ATTN_IMPLS)}")
-    if cfg.attn_impl == "flash_attention_2" and not is_flash_attn_2_available():
-        raise ConfigError("model.attn_impl=flash_attention_2: transformers finds no usable flash-attn 2 here; it "
-                          "needs a CUDA GPU" + ("" if torch.cuda.is_available() else " (none is visible)") +
-                          " and the flash_attn package >= 2.3.3 (`pip install flash-attn --no-build-isolation`); "
-                          "use model.attn_impl=sdpa (the default) or eager")
-    if cfg.load_in_8bit:
-        int8_device()
-
-
-def int8_config():
-    """transformers' BitsAndBytesConfig for the 8-bit LLM (at `from_pretrained` and for models built in memory)."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD,
-                              llm_int8_skip_modules=INT8_SKIP_MODULES)
-
-
-def int8_device() -> torch.device:
-    """The device 8-bit weights live on: the local CUDA GPU, else the CPU when this bitsandbytes supports it
-    (0.45+ does). One ConfigError saying why otherwise."""
-    if not is_bitsandbytes_available():
-        raise ConfigError("model.load_in_8bit: bitsandbytes is not installed (`pip install bitsandbytes`), or is "
-                          "older than transformers supports; or set model.load_in_8bit=false")
-    if torch.cuda.is_available():
-        return torch.device("cuda", process().local_rank)
-    import bitsandbytes as bnb
-
-    supported = sorted(getattr(bnb, "supported_torch_devices", ()))
-    if "cpu" not in supported:  # bitsandbytes before the multi-backend releases is CUDA-only
-        raise ConfigError(f"model.load_in_8bit: this bitsandbytes ({getattr(bnb, '__version__', '?')}) cannot run "
-                          f"8-bit layers without a CUDA GPU (it supports: {', '.join(supported) or 'CUDA only'}); "
-                          "use a GPU machine, a newer bitsandbytes, or model.load_in_8bit=false")
-    return torch.device("cpu")
-
-
-# ---- tokenizer ---------------------------------------------------------------------------------------------
-
-
-def load_tokenizer_for(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer of `cfg` with the nine InternVL tokens and a pad token: `model.tokenizer`, else the one in
-    `model.path` (only its tokenizer files are downloaded for a hub id), else the embedded tiny tokenizer
-    (the tiny random model)."""
-    check_model_config(cfg)
-    source = cfg.tokenizer or cfg.path
-    if source is None:
-        if cfg.arch.get("llm", {}).get("vocab_size"):
-            raise ConfigError(f"model '{cfg.name}': init=random without model.path needs model.tokenizer for a "
-                              "tokenizer (load_model builds it without one)")
-        source = EMBEDDED_TOKENIZER
-    else:
-        source = resolve_model_path(str(source), cfg.hub, cfg.hub_token, files=TOKENIZER_FILES)
-    try:
-        tokenizer = load_tokenizer(source, template=cfg.template)
-    except (ValueError, OSError) as e:  # no or unusable tokenizer files: a wrong folder, not a bug
-        key = "model.tokenizer" if cfg.tokenizer else "model.path"
-        raise ConfigError(f"{key}: {e}") from None
-    add_internvl_tokens(tokenizer)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 # ---- model -------------------------------------------------------------------------------------------------
@@ -183,7 +92,7 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, dtyp
             model = build_random_model(cfg, tokenizer, seed, dtype=dtype, partitioned=True)
         else:
             model = build_random_model(cfg, tokenizer, seed).to(dtype)
-        plan = None if device_map is None else _resolve_device_map(device_map, model.config, dtype, cfg, sft)
+        plan = None if device_map is None else resolve_device_map(device_map, model.config, dtype, cfg, sft)
         if cfg.load_in_8bit:
             quantize_llm_8bit(model, int8_device(), plan)
         if plan is not None:
@@ -216,49 +125,6 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, dtyp
     return model
 
 
-def planning_model(config: InternVLConfig, dtype: torch.dtype, load_in_8bit: bool = False,
-                   sft: SftConfig | None = None) -> InternVLForConditionalGeneration:
-    """The model of `config` on `meta` as it will sit in memory, for sizing a device map: float weights in `dtype`
-    (the loaded dtype: 2 bytes each in bf16, not the 4 of a default build), the LLM's linear weights at 1 byte
-    under 8-bit (`INT8_SKIP_MODULES` stay in `dtype`; bitsandbytes' per-row scales, under 1%, are left out), and
-    with `sft` LoRA the adapters training adds after loading (fp32, inside the layers they adapt). Returns the
-    base model (adapters injected in place), so module names are the loaded model's."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        model = _model_class(config)(config)
-    model.to(dtype)
-    if load_in_8bit:
-        for name, module in model.named_modules():
-            if type(module) is torch.nn.Linear and not any(name == p or name.startswith(p + ".")
-                                                           for p in INT8_SKIP_MODULES):
-                module.weight = torch.nn.Parameter(module.weight.to(torch.int8), requires_grad=False)
-    if sft is not None and sft.name == "lora":
-        from vltrain.model.tuning import apply_sft
-
-        with torch.device("meta"):
-            apply_sft(model, sft)  # injects the adapters into `model` itself
-    return model
-
-
-def _resolve_device_map(device_map, config: InternVLConfig, dtype: torch.dtype, cfg: ModelConfig,
-                        sft: SftConfig | None = None):
-    if not callable(device_map):
-        return device_map
-    return device_map(planning_model(config, dtype, cfg.load_in_8bit, sft))
-
-
-def _int8_device_of(name: str, device_map: dict | None, default: torch.device) -> torch.device:
-    """Where the layer `name` goes under `device_map` (its longest matching entry), else `default`."""
-    if not device_map:
-        return default
-    match = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
-    if match is None:
-        return default
-    device = device_map[match]
-    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-
-
 def _load_folder(path: Path, tokenizer, dtype: torch.dtype, cfg: ModelConfig,
                  device_map=None, sft: SftConfig | None = None) -> InternVLForConditionalGeneration:
     from vltrain.model.convert import load_original
@@ -272,14 +138,14 @@ def _load_folder(path: Path, tokenizer, dtype: torch.dtype, cfg: ModelConfig,
     config = internvl_folder_config(path)
     kwargs = {}
     if device_map is not None:
-        kwargs["device_map"] = _resolve_device_map(device_map, config, dtype, cfg, sft)
+        kwargs["device_map"] = resolve_device_map(device_map, config, dtype, cfg, sft)
     if cfg.load_in_8bit:
         kwargs["quantization_config"] = int8_config()
         kwargs.setdefault("device_map", {"": int8_device()})
     from safetensors import SafetensorError
 
     try:
-        return _model_class(config).from_pretrained(
+        return model_class_of(config).from_pretrained(
             path, config=config, dtype=dtype,
             attn_implementation=attention_implementations(config.text_config, cfg.attn_impl), **kwargs)
     except (OSError, SafetensorError) as e:  # no weights in the folder, an unreadable shard
@@ -325,52 +191,6 @@ def converted_copy(src: Path, tokenizer, cfg: ModelConfig) -> Path:
     return dst
 
 
-def save_partitioned(model, folder: Path, is_main: bool, shard_bytes: int = 5 * 2**30) -> None:
-    """`save_pretrained` of a model whose weights are partitioned by ZeRO-3: every process gathers one parameter
-    at a time; the main process writes them in safetensors shards of about `shard_bytes` (with the index),
-    so no process ever holds more than one shard besides its partition."""
-    import json
-
-    import deepspeed
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    if is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        model.config.save_pretrained(folder)
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(folder)
-    shard: dict[str, torch.Tensor] = {}
-    weight_map: dict[str, str] = {}
-    total, size, files = 0, 0, 0
-
-    def flush():
-        nonlocal shard, size, files
-        if shard:
-            files += 1
-            name = f"model-{files:05d}.safetensors"
-            save_file(shard, str(folder / name), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
-        shard, size = {}, 0
-
-    state_names = set(model.state_dict().keys())
-    for name, param in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            if is_main and name in state_names:
-                shard[name] = param.detach().to("cpu", copy=True).contiguous()
-                size += shard[name].numel() * shard[name].element_size()
-                total += shard[name].numel() * shard[name].element_size()
-        if is_main and size >= shard_bytes:
-            flush()
-    if is_main:
-        for name, buffer in model.named_buffers():
-            if name in state_names:
-                shard[name] = buffer.detach().to("cpu", copy=True).contiguous()
-        flush()
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-
-
 def internvl_folder_config(path: Path) -> InternVLConfig:
     """The InternVLConfig of an HF-native folder; a clear error for any other kind of folder."""
     config_file = Path(path) / "config.json"
@@ -384,40 +204,6 @@ def internvl_folder_config(path: Path) -> InternVLConfig:
         raise ConfigError(f"{config_file}: model_type '{config.model_type}' is not an InternVL model (expected "
                           "'internvl', or the original 'internvl_chat' layout)")
     return config
-
-
-def _model_class(config: InternVLConfig) -> type[InternVLForConditionalGeneration]:
-    from vltrain.model.internvl import model_class
-
-    try:
-        return model_class(config)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def quantize_llm_8bit(model: torch.nn.Module, device: torch.device,
-                      device_map: dict | None = None) -> torch.nn.Module:
-    """What `from_pretrained(quantization_config=int8_config())` gives, for models built in memory (random init, the
-    original-layout converter): transformers' `replace_with_bnb_linear` swaps the LLM's nn.Linear layers (not
-    `INT8_SKIP_MODULES`) for empty 8-bit layers, which take the float weights and quantize on the move to
-    `device` (with a `device_map`: each to its planned device, the rest left for `dispatch_model`); without a
-    map the rest of the model moves to `device` too. In place."""
-    import bitsandbytes as bnb
-    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
-
-    floats = {name: module for name, module in model.named_modules() if type(module) is torch.nn.Linear}
-    replace_with_bnb_linear(model, modules_to_not_convert=INT8_SKIP_MODULES, quantization_config=int8_config())
-    for name, layer in model.named_modules():
-        if isinstance(layer, bnb.nn.Linear8bitLt):
-            linear = floats[name]
-            layer.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
-            if linear.bias is not None:
-                layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
-            layer.to(_int8_device_of(name, device_map, device))  # quantizes
-    if not device_map:
-        model.to(device)
-    model.is_loaded_in_8bit = True  # what peft / Trainer look at on from_pretrained-quantized models
-    return model
 
 
 def build_random_model(cfg: ModelConfig, tokenizer=None, seed: int = 42, check_ids: bool = True,
@@ -564,18 +350,6 @@ def load_saved_weights(model: torch.nn.Module, folder: str | Path) -> None:
     if missing or unexpected:
         raise ConfigError(f"{folder}: the checkpoint does not hold this model's weights (missing: "
                           f"{', '.join(missing[:5]) or 'none'}; unexpected: {', '.join(unexpected[:5]) or 'none'})")
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer (names, dtypes, shapes, bytes): equal digests, equal weights."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 def load_checkpoint(ckpt_dir: str | Path, model_path: str | None = None):

@@ -75,7 +75,7 @@ def count_parameters(cfg: TrainConfig) -> Counts:
     model_cfg = dataclasses.replace(cfg.model, init="random")
     tokenizer = None
     if not model_cfg.arch.get("llm", {}).get("vocab_size"):  # the tiny type: vocabulary from its embedded tokenizer
-        from vltrain.model.load import load_tokenizer_for
+        from vltrain.model.vocab import load_tokenizer_for
 
         tokenizer = load_tokenizer_for(dataclasses.replace(model_cfg, path=None, tokenizer=None))
     model = load_model(model_cfg, tokenizer, meta=True)

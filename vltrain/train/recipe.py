@@ -1,4 +1,6 @@
-"""`train(cfg)`: one fine-tuning run, top to bottom. Tests call it directly with a TrainConfig."""
+"""`train(cfg)`: one fine-tuning run. `build_trainer` reads top to bottom, one named step per line; the steps follow
+it in the order they run. `cfg` is resolved (`vltrain.config.resolve_config`): a resumed run's config is already
+its saved one. Tests call `train` / `build_trainer` directly."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import functools
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -16,19 +17,9 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from vltrain.config import ConfigError, TrainConfig, run_config_yaml, training_defaults
 from vltrain.context import process
-from vltrain.data import dataset as dataset_module
-from vltrain.data.check import DataError, check_splits, enforce, iter_outcomes, outcome_from_encoded_row
 from vltrain.data.collator import Collator
-from vltrain.data.dataset import (
-    EncodedDataset,
-    PackedDataset,
-    PreEncodedDataset,
-    encode_with_datasets,
-    load_splits,
-    share_cores,
-)
 from vltrain.data.encode import Encoder
-from vltrain.data.records import RecordError
+from vltrain.data.records import Record
 from vltrain.manifest import (
     BASE_RECORD,
     MANIFEST_FILE,
@@ -40,19 +31,17 @@ from vltrain.manifest import (
     read_manifest,
 )
 from vltrain.model.geometry import vision_geometry
-from vltrain.model.load import (
-    load_model,
-    load_tokenizer_for,
-    make_encoder,
-    resolve_dtype,
-    save_partitioned,
-    weights_digest,
-)
+from vltrain.model.load import load_model, make_encoder
+from vltrain.model.placement import resolve_dtype
+from vltrain.model.save import save_partitioned, weights_digest
 from vltrain.model.tuning import apply_sft, trainable_summary
+from vltrain.model.vocab import load_tokenizer_for
 from vltrain.progress import is_terminal
+from vltrain.speed import share_cores
 from vltrain.train import parallel
 from vltrain.train.callbacks import JsonlLogger, LossPlot
 from vltrain.train.checkpoint import check_world_size, clean_leftovers, rotate
+from vltrain.train.data import prepare_data_once
 from vltrain.train.loss import router_aux_coef
 from vltrain.train.order import IndexedCollator, SeededSamples
 from vltrain.train.preempt import PreemptionCheckpoint, RunShape
@@ -84,112 +73,35 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
 
 def build_trainer(cfg: TrainConfig) -> VLTrainer:
-    """Everything a run needs, in order: arguments (DeepSpeed's config among them, so that ZeRO-3 partitions the
-    model as it is created), tokenizer and encoder, records (every one encoded once and checked, on rank 0),
-    model, trainable parts, trainer. Rank 0 writes the run folder's config, DeepSpeed config and the base model
-    (when randomly initialised). A bad record stops the run before any weights load (`data.on_error`); with
-    `cfg.resume` the run continues from its newest complete checkpoint (`start_run`)."""
+    """Everything a run needs, in order. Arguments come first (DeepSpeed's config among them, so that ZeRO-3
+    partitions the model as it is created); every record is encoded once and checked (on rank 0) before any weight
+    loads, so a bad record stops the run early (`data.on_error`). Rank 0 writes the run folder's files."""
     world = process().world_size
     parallel.check_launch(cfg, world)
     parallel.init_process_group()
     cfg, run, point = start_run(cfg)
-    run_dir = run.path
-    try:
-        args = build_training_arguments(cfg, run_dir, world, write=run.is_main)
-    except ValueError as e:  # TrainingArguments' own consistency checks
-        raise ConfigError(f"trainer: {str(e).strip().splitlines()[0]}") from None
-    if point:
-        check_world_size(point, world, zero=bool(args.deepspeed))
-    if args.world_size != world:  # a multi-process launch silently training as independent processes
-        raise ConfigError(f"{world} processes were started but the Trainer sees a world of {args.world_size} "
-                          f"(parallel={cfg.parallel.name})")
+    args = training_arguments(cfg, run, point, world)
     set_seed(args.seed)
     tokenizer = load_tokenizer_for(cfg.model)
     encoder = make_encoder(cfg, tokenizer=tokenizer)
-    train_dataset, eval_dataset, val_records = prepare_data_once(cfg, encoder, run_dir)
-    manifest = json.dumps(data_manifest([s.split("#")[0] for s in cfg.dataset.train + cfg.dataset.val],
-                                        [r.key for r in val_records]), indent=1)
-    if point and point.checkpoint:
-        check_data(point, json.loads(manifest), cfg.resume_force)
-        args.eval_on_start = False  # evaluated before; RNG and history continue from the checkpoint
+    train_dataset, eval_dataset, val_records = prepare_data_once(cfg, encoder, run.path)
+    manifest = check_resumed_data(cfg, val_records, point, args)
     # torch's threads on the cores the DataLoader workers leave free. (Workers are not kept across epochs by
     # default: a kept iterator skips the draw from the torch RNG that each new one makes, so a run resumed
     # mid-epoch would see other dropout masks than the run it continues.)
     share_cores(args.dataloader_num_workers)
-
-    # Full fine-tuning keeps fp32 master weights under mixed precision; LoRA trains fp32 adapters on a base
-    # held in the compute dtype.
-    compute_dtype = resolve_dtype(cfg.model.dtype)
-    device_map = None
-    if cfg.parallel.name == "device_map":
-        device_map = functools.partial(parallel.device_map_for, cfg.model)
-    model = load_model(cfg.model, tokenizer, dtype=compute_dtype if cfg.sft_type.name == "lora" else torch.float32,
-                       seed=args.seed, device_map=device_map, convert_once=world > 1, sft=cfg.sft_type)
-    if getattr(model, "hf_device_map", None):
-        log.info("device map: %s", sorted(set(model.hf_device_map.values()), key=str))
-    if (encoder.tile_size, encoder.image_tokens_per_tile) != vision_geometry(model):
-        raise ConfigError(f"model '{cfg.model.name}': its config gives {vision_geometry(model)} (tile px, tokens "
-                          f"per tile), model.arch says {(encoder.tile_size, encoder.image_tokens_per_tile)}")
-    checkpoint_files = {}  # besides the run config and the data manifest
-    if cfg.model.init == "random":
-        # A random base is part of the run: save it so LoRA checkpoints reload onto the same weights, and (outside
-        # ZeRO-3, whose partitioned init draws other numbers, and 8-bit) record how to rebuild it, so that a
-        # checkpoint copied elsewhere still loads.
-        base = run.base_model
-        if is_deepspeed_zero3_enabled():
-            save_partitioned(model, base, is_main=run.is_main)
-        elif run.is_main:
-            model.save_pretrained(base)
-            if not cfg.model.load_in_8bit:  # the record rebuilds the unquantised weights
-                run.write_text(BASE_RECORD, json.dumps({"seed": args.seed, "dtype": str(model.dtype).split(".")[-1],
-                                                        "sha256": weights_digest(model)}))
-        if run.is_main:
-            tokenizer.save_pretrained(base)
-        parallel.wait_for_all(cfg.parallel.wait_minutes)
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="pretrained", path=str(base)))
-    if (run.path / BASE_RECORD).is_file():
-        checkpoint_files[BASE_RECORD] = (run.path / BASE_RECORD).read_text(encoding="utf-8")
-    # adapter_config.json names the base that plain peft loads: the hub id or folder as given, the random base
-    base_name = cfg.model.path if not Path(cfg.model.path).exists() else str(Path(cfg.model.path).resolve())
-    model.config._name_or_path = model.name_or_path = base_name
-    set_seed(args.seed)  # LoRA's initial weights: the same whether the base was built here or read back (resume)
-    model = apply_sft(model, cfg.sft_type)
-    if is_deepspeed_zero3_enabled():  # parameters are partitioned: count their full sizes
-        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
-        log.info("trainable %s / %s (ZeRO-3, partitioned over %d processes)",
-                 f"{sum(n for n, t in sizes if t):,}", f"{sum(n for n, _ in sizes):,}", world)
-    else:
-        log.info("%s", trainable_summary(model))
-
+    model = load_base_model(cfg, tokenizer, encoder, args.seed, world)
+    cfg, run_files = keep_random_base(cfg, run, model, tokenizer, args.seed)
+    model = tune(cfg, model, args.seed, world)
     run_config = run_config_yaml(cfg)
     run.write_text(RUN_CONFIG, run_config)
-    log.info("train rows %d, held-out rows %d, run folder %s", len(train_dataset), len(val_records), run_dir)
-    step = point.step if point else None
+    run_files |= {RUN_CONFIG: run_config, MANIFEST_FILE: manifest}
+    log.info("train rows %d, held-out rows %d, run folder %s", len(train_dataset), len(val_records), run.path)
+    return make_trainer(cfg, run, point, args, model, tokenizer, encoder, train_dataset, eval_dataset,
+                        val_records, run_files)
 
-    trainer = VLTrainer(
-        model=model,
-        args=args,
-        train_dataset=SeededSamples(train_dataset, args.seed, train_dataset.where),
-        eval_dataset=eval_dataset,
-        # tiles cross from the workers as uint8 and are normalised on the device (`VLTrainer._prepare_inputs`)
-        data_collator=IndexedCollator(Collator(tokenizer.pad_token_id, packing=cfg.data.packing,
-                                               normalise_tiles=False)),
-        processing_class=tokenizer,
-        callbacks=[RunShape(world, cfg.global_batch_size),
-                   JsonlLogger(run_dir, resume_step=step if run.is_main else None), LossPlot(run_dir),
-                   PreemptionCheckpoint()],
-        encoder=encoder,
-        answer_set=val_records[: cfg.eval.generate_samples],
-        max_new_tokens=cfg.eval.max_new_tokens,
-        checkpoint_files={**checkpoint_files, RUN_CONFIG: run_config, MANIFEST_FILE: manifest},
-        resume_only_model=cfg.resume_only_model,
-        on_nonfinite=cfg.on_nonfinite,
-        parallel=cfg.parallel.name,
-        loss_reduction=cfg.loss_reduction,
-        router_aux_coef=cfg.router_aux_loss_coef or 0.0,
-    )
-    trainer.resume_checkpoint = str(point.checkpoint) if point and point.checkpoint else None
-    return trainer
+
+# ---- the steps, in order -----------------------------------------------------------------------------------------
 
 
 def start_run(cfg: TrainConfig) -> tuple[TrainConfig, RunFolder, ResumePoint | None]:
@@ -255,103 +167,129 @@ def check_max_length(cfg: TrainConfig) -> None:
                           f"'{cfg.model.name}' (max_position_embeddings of its LLM)")
 
 
-def check_data(point: ResumePoint, manifest: dict, force: bool) -> None:
-    """A resumed run reads the record files and the held-out split its checkpoint recorded."""
-    saved = read_manifest(point.checkpoint)
-    changes = manifest_changes(saved, manifest) if saved else []
-    if not changes:
-        return
-    if not force:
-        raise ConfigError(f"resume: the data changed since {point.checkpoint.name}: {'; '.join(changes)}; "
-                          "resume_force=true continues anyway")
-    log.warning("resuming although the data changed since %s: %s", point.checkpoint.name, "; ".join(changes))
+def training_arguments(cfg: TrainConfig, run: RunFolder, point: ResumePoint | None, world: int) -> TrainingArguments:
+    """`build_training_arguments`, refusing what does not fit this launch: a resumed checkpoint of another world
+    size (ZeRO), a Trainer that sees another world than the processes started."""
+    try:
+        args = build_training_arguments(cfg, run.path, world, write=run.is_main)
+    except ValueError as e:  # TrainingArguments' own consistency checks
+        raise ConfigError(f"trainer: {str(e).strip().splitlines()[0]}") from None
+    if point:
+        check_world_size(point, world, zero=bool(args.deepspeed))
+    if args.world_size != world:  # a multi-process launch silently training as independent processes
+        raise ConfigError(f"{world} processes were started but the Trainer sees a world of {args.world_size} "
+                          f"(parallel={cfg.parallel.name})")
+    return args
 
 
-def prepare_data_once(cfg: TrainConfig, encoder: Encoder, run_dir: Path):
-    """`prepare_data` on rank 0 first (reading the records, hub downloads, the data check; with `data.encode=
-    datasets` the encoding into the cache), then on each other node's local rank 0 (which encodes into its own
-    cache folder when that is not shared with rank 0), then on the remaining ranks, which open their node's entry.
-    All take rank 0's verdict on bad rows instead of checking again, and wait up to `parallel.wait_minutes`,
-    whatever the collective timeout."""
-    minutes = cfg.parallel.wait_minutes
-    verdict = None
-    result = None
-    with parallel.rank0_first(minutes) as first:
-        if first:
-            try:
-                result = prepare_data(cfg, encoder, run_dir)
-                verdict = ("ok", result[3])  # (bad row keys, tokens per record key)
-            except ConfigError as e:  # DataError among them: every rank stops with the same message
-                verdict = ("error", e)
-    verdict = parallel.broadcast_from_rank0(verdict, minutes)
-    if verdict[0] == "error":
-        raise verdict[1]
-    # Then each node's first process before the rest of its node: where the encode cache folder is not shared
-    # with rank 0 (no shared filesystem) a node encodes once, not once per rank; a shared one opens rank 0's entry.
-    with parallel.rank0_first(minutes, local=True) as first:
-        if first and result is None:
-            result = prepare_data(cfg, encoder, run_dir, write_skipped=False, verdict=verdict[1])
-    if result is None:
-        result = prepare_data(cfg, encoder, run_dir, write_skipped=False, verdict=verdict[1])
-    return result[:3]
+def check_resumed_data(cfg: TrainConfig, val_records: list[Record], point: ResumePoint | None,
+                       args: TrainingArguments) -> str:
+    """The run's data manifest (JSON); a resumed run must read the record files and the held-out split its
+    checkpoint recorded (`resume_force` continues anyway, with a warning)."""
+    manifest = json.dumps(data_manifest([s.split("#")[0] for s in cfg.dataset.train + cfg.dataset.val],
+                                        [r.key for r in val_records]), indent=1)
+    if point and point.checkpoint:
+        saved = read_manifest(point.checkpoint)
+        changes = manifest_changes(saved, json.loads(manifest)) if saved else []
+        if changes and not cfg.resume_force:
+            raise ConfigError(f"resume: the data changed since {point.checkpoint.name}: {'; '.join(changes)}; "
+                              "resume_force=true continues anyway")
+        if changes:
+            log.warning("resuming although the data changed since %s: %s", point.checkpoint.name,
+                        "; ".join(changes))
+        args.eval_on_start = False  # evaluated before; RNG and history continue from the checkpoint
+    return manifest
 
 
-def prepare_data(cfg: TrainConfig, encoder: Encoder, run_dir: Path, write_skipped: bool = True,
-                 verdict: tuple[set, dict] | None = None):
-    """(train dataset, eval dataset or None, held-out records, verdict): every record read and encoded once,
-    problems handled by `data.on_error` (raise: DataError listing all; skip: rows left out, listed in
-    skipped_rows.jsonl, written when `write_skipped`). The verdict is (keys of the bad rows, tokens per record
-    key); given, the check already ran elsewhere (rank 0) and is applied without encoding the records again.
+def load_base_model(cfg: TrainConfig, tokenizer, encoder: Encoder, seed: int, world: int):
+    """The base model in the dtype the run trains it in (full fine-tuning keeps fp32 master weights under mixed
+    precision; LoRA trains fp32 adapters on a base held in the compute dtype), placed by `parallel`; its tile
+    geometry must be the encoder's."""
+    compute_dtype = resolve_dtype(cfg.model.dtype)
+    device_map = None
+    if cfg.parallel.name == "device_map":
+        device_map = functools.partial(parallel.device_map_for, cfg.model)
+    model = load_model(cfg.model, tokenizer, dtype=compute_dtype if cfg.sft_type.name == "lora" else torch.float32,
+                       seed=seed, device_map=device_map, convert_once=world > 1, sft=cfg.sft_type)
+    if getattr(model, "hf_device_map", None):
+        log.info("device map: %s", sorted(set(model.hf_device_map.values()), key=str))
+    if (encoder.tile_size, encoder.image_tokens_per_tile) != vision_geometry(model):
+        raise ConfigError(f"model '{cfg.model.name}': its config gives {vision_geometry(model)} (tile px, tokens "
+                          f"per tile), model.arch says {(encoder.tile_size, encoder.image_tokens_per_tile)}")
+    return model
 
-    `data.encode=datasets` keeps this first encoding (HF datasets, in `data.encode_cache` under a fingerprint, so
-    a rerun on the same data encodes nothing) and serves samples from it; `lazy` encodes again in the DataLoader
-    workers. The check's token counts give the datasets their `lengths` (length grouping, packing); with
-    `data.packing` the training split is served as packs (`PackedDataset`).
-    """
-    read_errors: list[RecordError] = []
-    train_records, val_records = load_splits(cfg.dataset, errors=read_errors)  # hub datasets behind a file lock
-    splits = {"train": train_records, "val": val_records}
-    start = time.perf_counter()
-    unique = list({id(r): r for rs in splits.values() for r in rs}.values())
-    if cfg.data.encode == "datasets":  # on the ranks after the first, this opens the cache rank 0 wrote
-        cache = Path(cfg.data.encode_cache or dataset_module.DEFAULT_ENCODE_CACHE).expanduser()
-        encoded = encode_with_datasets(unique, encoder, cache, cfg.data.num_proc, cfg.data.encode_cache_max_gb)
-        row_of = {id(r): i for i, r in enumerate(unique)}
-    if verdict is not None:
-        bad, tokens = verdict
+
+def keep_random_base(cfg: TrainConfig, run: RunFolder, model, tokenizer, seed: int) -> tuple[TrainConfig, dict]:
+    """A random base is part of the run: saved into the run folder so LoRA checkpoints reload onto the same weights,
+    and (outside ZeRO-3, whose partitioned init draws other numbers, and 8-bit) recorded in `base_model.json`, so
+    that a checkpoint copied elsewhere still loads. Returns the config naming that folder as the pretrained base,
+    and the run files every checkpoint gets (the record)."""
+    if cfg.model.init == "random":
+        base = run.base_model
+        if is_deepspeed_zero3_enabled():
+            save_partitioned(model, base, is_main=run.is_main)
+        elif run.is_main:
+            model.save_pretrained(base)
+            if not cfg.model.load_in_8bit:  # the record rebuilds the unquantised weights
+                run.write_text(BASE_RECORD, json.dumps({"seed": seed, "dtype": str(model.dtype).split(".")[-1],
+                                                        "sha256": weights_digest(model)}))
+        if run.is_main:
+            tokenizer.save_pretrained(base)
+        parallel.wait_for_all(cfg.parallel.wait_minutes)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="pretrained", path=str(base)))
+    files = {}
+    if (run.path / BASE_RECORD).is_file():
+        files[BASE_RECORD] = (run.path / BASE_RECORD).read_text(encoding="utf-8")
+    return cfg, files
+
+
+def tune(cfg: TrainConfig, model, seed: int, world: int):
+    """The trainable parts (`sft_type`: LoRA adapters, or the unfrozen parts), seeded so that LoRA's initial weights
+    are the same whether the base was built here or read back (resume)."""
+    # adapter_config.json names the base that plain peft loads: the hub id or folder as given, the random base
+    base_name = cfg.model.path if not Path(cfg.model.path).exists() else str(Path(cfg.model.path).resolve())
+    model.config._name_or_path = model.name_or_path = base_name
+    set_seed(seed)
+    model = apply_sft(model, cfg.sft_type)
+    if is_deepspeed_zero3_enabled():  # parameters are partitioned: count their full sizes
+        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+        log.info("trainable %s / %s (ZeRO-3, partitioned over %d processes)",
+                 f"{sum(n for n, t in sizes if t):,}", f"{sum(n for n, _ in sizes):,}", world)
     else:
-        if cfg.data.encode == "datasets":
-            sizes = encoded.select_columns(["input_ids", "labels", "tiles_per_image", "error"])  # not the pixels
-            outcomes = {id(r): outcome_from_encoded_row(row) for r, row in zip(unique, sizes)}
-        else:
-            outcomes = dict(zip([id(r) for r in unique], iter_outcomes(unique, encoder, cfg.data.num_proc)))
-        report = check_splits(splits, encoder, read_errors=read_errors, outcomes=outcomes)
-        log.info("data check: %d records encoded in %.1fs (data.num_proc=%d)\n%s",
-                 len(train_records) + len(val_records), time.perf_counter() - start, cfg.data.num_proc,
-                 report.format(problems=False))
-        bad = enforce(report, cfg.data.on_error, run_dir if write_skipped else None)
-        tokens = {r.key: outcomes[id(r)].tokens for r in unique}
-    train_records = [r for r in train_records if r.key not in bad]
-    val_records = [r for r in val_records if r.key not in bad]
-    if not train_records:
-        raise DataError("no training rows left after leaving out the bad ones")
+        log.info("%s", trainable_summary(model))
+    return model
 
-    def make(records):
-        lengths = [tokens[r.key] for r in records]
-        if cfg.data.encode == "datasets":
-            return PreEncodedDataset(encoded, [row_of[id(r)] for r in records], lengths)
-        return EncodedDataset(records, encoder, lengths)
 
-    train_dataset = make(train_records)
-    where = [r.where() for r in train_records]  # `file:line` of each training row, for messages about a batch
-    if cfg.data.packing:
-        train_dataset = PackedDataset(train_dataset, train_dataset.lengths, cfg.data.max_length)
-        where = [", ".join(where[i] for i in group) for group in train_dataset.groups]
-        log.info("data.packing: %d training records in %d packs of up to %d tokens (%.1f%% of the tokens real)",
-                 len(train_records), len(train_dataset), cfg.data.max_length,
-                 100 * sum(train_dataset.lengths) / (len(train_dataset) * cfg.data.max_length))
-    train_dataset.where = where
-    return train_dataset, (make(val_records) if val_records else None), val_records, (set(bad), tokens)
+def make_trainer(cfg: TrainConfig, run: RunFolder, point: ResumePoint | None, args: TrainingArguments, model,
+                 tokenizer, encoder: Encoder, train_dataset, eval_dataset, val_records: list[Record],
+                 run_files: dict[str, str]) -> VLTrainer:
+    """The Trainer over the run's data in (seed, epoch) order, with vltrain's callbacks; `run_files` go into every
+    checkpoint. `resume_checkpoint`: the checkpoint `train` continues, or None."""
+    step = point.step if point else None
+    trainer = VLTrainer(
+        model=model,
+        args=args,
+        train_dataset=SeededSamples(train_dataset, args.seed, train_dataset.where),
+        eval_dataset=eval_dataset,
+        # tiles cross from the workers as uint8 and are normalised on the device (`speed.FastSteps`)
+        data_collator=IndexedCollator(Collator(tokenizer.pad_token_id, packing=cfg.data.packing,
+                                               normalise_tiles=False)),
+        processing_class=tokenizer,
+        callbacks=[RunShape(args.world_size, cfg.global_batch_size),
+                   JsonlLogger(run.path, resume_step=step if run.is_main else None), LossPlot(run.path),
+                   PreemptionCheckpoint()],
+        encoder=encoder,
+        answer_set=val_records[: cfg.eval.generate_samples],
+        max_new_tokens=cfg.eval.max_new_tokens,
+        checkpoint_files=run_files,
+        resume_only_model=cfg.resume_only_model,
+        on_nonfinite=cfg.on_nonfinite,
+        parallel=cfg.parallel.name,
+        loss_reduction=cfg.loss_reduction,
+        router_aux_coef=cfg.router_aux_loss_coef or 0.0,
+    )
+    trainer.resume_checkpoint = str(point.checkpoint) if point and point.checkpoint else None
+    return trainer
 
 
 def build_training_arguments(cfg: TrainConfig, run_dir: Path, world_size: int,

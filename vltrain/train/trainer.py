@@ -18,10 +18,10 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from vltrain.data.collator import model_inputs
 from vltrain.data.encode import Encoder
 from vltrain.data.records import Record
-from vltrain.data.tiling import normalise_tensor
 from vltrain.infer.engine import answer_records, exact_match, reference_answers
 from vltrain.model.load import load_saved_weights
 from vltrain.model.tuning import trainable_parts
+from vltrain.speed import FastSteps
 from vltrain.train.checkpoint import CheckpointError, checkpoint_error, publish, rotate, staging_dir
 from vltrain.train.loss import mean_over_ranks, recorded_router_logits, router_aux_loss, weighted_lm_loss
 from vltrain.train.order import EpochSampler, SeededSamples
@@ -33,9 +33,10 @@ class NumericalFault(RuntimeError):
     """A NaN or inf loss or gradient with `on_nonfinite=stop`; nothing was applied to the weights or saved."""
 
 
-class VLTrainer(Trainer):
+class VLTrainer(FastSteps, Trainer):
     """Trainer that drops collator-only keys before the forward pass, runs the vision side on a dummy tile for
-    text-only batches where other ranks need it to, and scores held-out answers.
+    text-only batches where other ranks need it to, and scores held-out answers; its per-step speed tricks come
+    from `vltrain.speed.FastSteps`.
 
     `checkpoint_files` (name -> text) go into every checkpoint before it is published; `resume_only_model` loads
     only the weights of the checkpoint `train` resumes; `on_nonfinite` is `stop` or `skip`; `loss_reduction`
@@ -61,8 +62,6 @@ class VLTrainer(Trainer):
         self._staging: Path | None = None
         self._step_records: list[int] = []  # train records of the micro-batches of the current optimizer step
         self._bad_loss: list[str] = []
-        self._parameters_counted: int | None = None
-        self._trainable: list[torch.nn.Parameter] | None = None
 
     # ---- data order: (seed, epoch) -> permutation; the Trainer skips what a checkpoint consumed ----
 
@@ -102,8 +101,7 @@ class VLTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if "record_index" in inputs:
             self._step_records.extend(inputs["record_index"])
-        with self._training_mode_kept(model):
-            loss = super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)  # speed.FastSteps: no model walk
         if not torch.isfinite(loss).all():
             where = self._where(inputs.get("record_index"))
             message = (f"loss is {loss.item()} at step {self.state.global_step + 1} (records {where}); "
@@ -129,39 +127,6 @@ class VLTrainer(Trainer):
         for p in model.parameters():
             p.grad = None  # the optimizer leaves parameters without a gradient untouched
         return norm
-
-    @contextmanager
-    def _training_mode_kept(self, model):
-        """The Trainer calls `model.train()` at every step, which walks every module (1 ms a step on the demo's
-        model, 3%). Skipped while the model is still in training mode from the last step: evaluation and
-        generation switch the whole model (its root), so a root in training mode means every module is. Not under
-        DeepSpeed, whose engine keeps no mode of its own."""
-        if self.is_deepspeed_enabled or not (model.training and self.accelerator.unwrap_model(model).training):
-            yield
-            return
-        model.train = lambda mode=True: model  # shadows nn.Module.train on this instance for the step
-        try:
-            yield
-        finally:
-            del model.train
-
-    def _clip_grad_norm(self, model):
-        """The Trainer's clipping, over the trainable parameters listed once: it walks every parameter of the model
-        at every step, twice (0.95 ms of the demo's 35 ms step; 0.45 ms now). DeepSpeed and FSDP clip their own way."""
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return super()._clip_grad_norm(model)
-        if self._trainable is None:
-            self._trainable = [p for p in model.parameters() if p.requires_grad]
-        return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
-
-    def floating_point_ops(self, inputs) -> int:
-        """The Trainer's estimate, 6 x input tokens x parameters without embeddings, with the parameters counted
-        once: counting walks every module, and the Trainer asks at every step."""
-        if self._parameters_counted is None:
-            count = getattr(self.model, "num_parameters", None)
-            self._parameters_counted = count(exclude_embeddings=True) if count else 0
-        ids = inputs.get(getattr(self.model, "main_input_name", "input_ids"))
-        return 6 * ids.numel() * self._parameters_counted if ids is not None else 0
 
     def _where(self, indices) -> str:
         where = getattr(self.train_dataset, "where", None)
@@ -236,17 +201,6 @@ class VLTrainer(Trainer):
     def _load_scaler(self, checkpoint):
         if not self.resume_only_model:
             super()._load_scaler(checkpoint)
-
-    def _prepare_inputs(self, inputs):
-        """Tiles come from the DataLoader workers as uint8 (the collator's `normalise_tiles=False`) and are
-        normalised here, on the device: on a GPU after the 4x smaller copy; on the CPU into this process's own
-        memory, which costs less than touching float tiles in the workers' shared memory for the first time (page
-        faults: 4 ms against 1.2 ms to normalise 4 tiles, BENCHMARKS.md)."""
-        inputs = super()._prepare_inputs(inputs)
-        pixels = inputs.get("pixel_values")
-        if pixels is not None and pixels.dtype == torch.uint8:
-            inputs["pixel_values"] = normalise_tensor(pixels)
-        return inputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The batch loss. A batch without images still runs the vision tower and projector, on one all-zero tile,
