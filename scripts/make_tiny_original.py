@@ -58,6 +58,22 @@ VISION_6B = {
     "initializer_factor": 0.1, "initializer_range": 1e-10,
 }
 
+# InternViT-300M-448px-V2_5 (InternVL2.5 / 3 / 3.5 small sizes): the 300M settings, layer scale init 0.1.
+VISION_300M_V2_5 = {**VISION_300M, "initializer_factor": 0.1}
+# InternViT-6B-448px-V2_5 (InternVL2.5-26B/38B/78B, InternVL3-38B/78B, InternVL3.5-38B/241B): rms_norm and
+# qk-norm written out in config.json, no qkv bias.
+VISION_6B_V2_5 = {**VISION_6B, "initializer_range": 0.02}
+# The MoE keys InternVL3's vision_config carries although `use_moe` is false (the tower is dense).
+VISION_UNUSED_MOE = (
+    ("capacity_factor", 1.2), ("eval_capacity_factor", 1.4), ("laux_allreduce", "all_nodes"),
+    ("moe_coeff_ratio", 0.5), ("moe_intermediate_size", 768), ("moe_output_scale", 4.0),
+    ("noisy_gate_policy", "RSample_before"), ("num_experts", 8), ("num_routed_experts", 4),
+    ("num_shared_experts", 4), ("shared_expert_intermediate_size", 3072), ("use_moe", False),
+    ("use_residual", True), ("use_rts", False), ("_name_or_path", "OpenGVLab/InternViT-6B-448px-V1-5"),
+)
+# What InternVL3.5's llm_config adds for its training code (unused at inference).
+LLM_3_5_EXTRA = {"ep_size": 1, "micro_forward": False, "skip_checkpoint": False, "use_deepep": False}
+
 
 @dataclass(frozen=True)
 class Family:
@@ -72,6 +88,10 @@ class Family:
     ps_version: str
     vision_omits: tuple = ()  # keys left out of vision_config, as in the published file
     tiles: int = 3            # tiles of the golden image prompt (not part of the checkpoint)
+    vision_extra: tuple = ()  # (key, value) pairs the published vision_config carries besides InternVisionConfig's
+    top_level: tuple = ()     # (key, value) pairs of the published top level besides InternVLChatConfig's
+    code: str = "internvl_chat"   # the official code folder that runs it (internvl_chat_gpt_oss for 3.5)
+    tokenizer_builder: str = ""   # a script that writes the tokenizer folder (instead of `tokenizer`'s files)
 
 
 def _phi3_factors(n: int, low: float, high: float, seed: int) -> list[float]:
@@ -202,6 +222,130 @@ FAMILIES: dict[str, Family] = {
         ps_version="v2",
         tiles=2,
     ),
+
+    # InternVL3-1B (and InternVL2.5-1B / -4B / -38B / -78B, InternVL3-2B..-78B: Qwen2.5): InternViT-300M-448px-V2_5 +
+    # Qwen2.5-0.5B-Instruct, with InternVL3's config.json quirks: unused vision MoE keys, llm eos 151643
+    # (<|endoftext|>), dynamic rope x2.0, top-level system_message / image_fold null.
+    "qwen2_5": Family(
+        imitates="OpenGVLab/InternVL3-1B",
+        tokenizer="qwen2_5",
+        tokenizer_files=("vocab.json", "merges.txt", "tokenizer_config.json"),
+        vision=VISION_300M_V2_5,
+        vision_extra=VISION_UNUSED_MOE,
+        llm={
+            "_name_or_path": "Qwen/Qwen2.5-0.5B-Instruct", "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2", "attn_implementation": "flash_attention_2",
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
+            # small on purpose: the golden image prompt is longer, so the dynamic rope scaling is active there
+            "max_position_embeddings": 48, "max_window_layers": 2, "sliding_window": 48,
+            "use_sliding_window": False, "rope_theta": 1000000.0,
+            "rope_scaling": {"factor": 2.0, "rope_type": "dynamic", "type": "dynamic"},
+            "rms_norm_eps": 1e-06, "initializer_range": 0.02, "attention_dropout": 0.0,
+            "bos_token_id": 151643, "eos_token_id": 151643, "pad_token_id": None,
+        },
+        template="internvl2_5",
+        ps_version="v2",
+        top_level=(("image_fold", None), ("system_message", None)),
+    ),
+    # InternVL2.5-26B (InternVL2.5-2B / -8B: the same LLM family on the 300M tower): InternViT-6B-448px-V2_5 (qk-norm,
+    # rms_norm written out) + internlm2_5-20b-chat; the tokenizer adds BOS.
+    "internlm2_5": Family(
+        imitates="OpenGVLab/InternVL2_5-26B",
+        tokenizer="internlm2",
+        tokenizer_files=("tokenizer.model", "tokenizer_config.json"),
+        vision=VISION_6B_V2_5,
+        llm={
+            "_name_or_path": "internlm/internlm2_5-20b-chat", "architectures": ["InternLM2ForCausalLM"],
+            "model_type": "internlm2", "attn_implementation": "flash_attention_2",
+            "auto_map": INTERNLM2_AUTO_MAP,
+            "hidden_size": 96, "intermediate_size": 160, "num_hidden_layers": 2,
+            "num_attention_heads": 6, "num_key_value_heads": 2, "hidden_act": "silu", "bias": False,
+            "max_position_embeddings": 48, "rope_theta": 1000000,
+            "rope_scaling": {"factor": 2.0, "type": "dynamic"},
+            "rms_norm_eps": 1e-05, "initializer_range": 0.02, "pretraining_tp": 1,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+        },
+        template="internvl2_5",
+        ps_version="v2",
+        tiles=2,
+    ),
+    # InternVL3.5-1B (-2B / -4B: also tied): InternViT-300M-448px-V2_5 + Qwen3-0.6B, whose lm_head is tied to the
+    # embeddings (no lm_head tensor in the files); head_dim 32 != hidden / heads as in Qwen3; top-level eos / pad.
+    "qwen3": Family(
+        imitates="OpenGVLab/InternVL3_5-1B",
+        tokenizer="qwen3",
+        tokenizer_files=("vocab.json", "merges.txt", "tokenizer_config.json"),
+        vision=VISION_300M_V2_5,
+        llm={
+            "_name_or_path": "Qwen/Qwen3-0.6B", "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+            "attn_implementation": "flash_attention_2", **LLM_3_5_EXTRA,
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "head_dim": 32,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu", "attention_bias": False,
+            "max_position_embeddings": 40960, "max_window_layers": 2, "sliding_window": None,
+            "use_sliding_window": False, "rope_theta": 1000000, "rope_scaling": None,
+            "rms_norm_eps": 1e-06, "initializer_range": 0.02, "attention_dropout": 0.0,
+            "bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": None, "tie_word_embeddings": True,
+        },
+        template="internvl2_5",
+        ps_version="v2",
+        code="internvl_chat_gpt_oss",
+        top_level=(("eos_token_id", 151645), ("pad_token_id", 151643)),
+    ),
+    # InternVL3.5-241B-A28B (30B-A3B: the same LLM family on the 300M tower): InternViT-6B-448px-V2_5 + Qwen3-MoE,
+    # experts saved one module each (transformers 4.5x layout), a router per layer, untied lm_head.
+    "qwen3_moe": Family(
+        imitates="OpenGVLab/InternVL3_5-241B-A28B",
+        tokenizer="qwen3",
+        tokenizer_files=("vocab.json", "merges.txt", "tokenizer_config.json"),
+        vision=VISION_6B_V2_5,
+        llm={
+            "_name_or_path": "Qwen/Qwen3-235B-A22B", "architectures": ["Qwen3MoeForCausalLM"],
+            "model_type": "qwen3_moe", "attn_implementation": "flash_attention_2", **LLM_3_5_EXTRA,
+            # head_dim 32 != hidden / heads, as in the real model (128 vs 4096 / 64): Qwen3MoeConfig has no such field
+            "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+            "head_dim": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
+            "attention_bias": False, "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True,
+            "decoder_sparse_step": 1, "mlp_only_layers": [], "output_router_logits": False,
+            "router_aux_loss_coef": 0.001, "max_position_embeddings": 40960, "max_window_layers": 2,
+            "sliding_window": None, "use_sliding_window": False, "rope_theta": 1000000, "rope_scaling": None,
+            "rms_norm_eps": 1e-06, "initializer_range": 0.02, "attention_dropout": 0.0,
+            "bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": None, "tie_word_embeddings": False,
+        },
+        template="internvl2_5",
+        ps_version="v2",
+        code="internvl_chat_gpt_oss",
+        top_level=(("eos_token_id", 151645), ("pad_token_id", 151643)),
+        tiles=2,
+    ),
+    # InternVL3.5-GPT-OSS-20B-A4B-Preview: InternViT-300M-448px-V2_5 + GPT-OSS (attention sinks, sliding and full
+    # attention layers alternating, fused experts with biases, yarn rope); harmony template.
+    "gpt_oss": Family(
+        imitates="OpenGVLab/InternVL3_5-GPT-OSS-20B-A4B-Preview",
+        tokenizer="gpt_oss",
+        tokenizer_files=(),
+        tokenizer_builder="make_gpt_oss_tokenizer.py",
+        vision=VISION_300M_V2_5,
+        llm={
+            "_name_or_path": "openai/gpt-oss-20b", "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
+            "attn_implementation": "eager", **LLM_3_5_EXTRA,
+            "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2, "head_dim": 32,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu", "attention_bias": True,
+            "num_local_experts": 4, "num_experts_per_tok": 2, "experts_per_token": 2,
+            "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16,
+            "output_router_logits": False, "router_aux_loss_coef": 0.9, "swiglu_limit": 7.0,
+            "max_position_embeddings": 131072, "initial_context_length": 4096, "rope_theta": 150000,
+            "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                             "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": False},
+            "rms_norm_eps": 1e-05, "initializer_range": 0.02, "attention_dropout": 0.0,
+            "eos_token_id": 200002, "pad_token_id": 199999, "tie_word_embeddings": False,
+        },
+        template="internvl3_5_gpt_oss",
+        ps_version="v2",
+        code="internvl_chat_gpt_oss",
+        top_level=(("eos_token_id", 200002), ("pad_token_id", 199999)),
+        tiles=2,
+    ),
 }
 
 # What transformers 4.37's PretrainedConfig.to_dict() wrote into every published llm_config next to the model's own
@@ -262,6 +406,8 @@ def write_tokenizer(family: Family, tokenizers_dir: Path, out_dir: Path) -> int:
     tokenizer_config.json, in added_tokens.json (slow tokenizers) and in tokenizer.json's `added_tokens` (fast).
     InternLM2 checkpoints ship them already (ids 92544..92552). Returns len(tokenizer), the LLM vocab size.
     """
+    if family.tokenizer_builder:
+        return _build_tokenizer(family, out_dir)
     source = Path(tokenizers_dir) / family.tokenizer
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: tokenizer folder not found (give --tokenizers)")
@@ -302,6 +448,21 @@ def write_tokenizer(family: Family, tokenizers_dir: Path, out_dir: Path) -> int:
     return vocab_size
 
 
+def _build_tokenizer(family: Family, out_dir: Path) -> int:
+    """A tokenizer folder no shared copy exists for (GPT-OSS's o200k harmony vocabulary), written by the script
+    `family.tokenizer_builder` beside this one with the InternVL tokens already added; returns the LLM vocab size
+    (GPT-OSS's embedding rows, which hold every tokenizer id)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / family.tokenizer_builder
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    module.write_gpt_oss_tokenizer(out_dir)
+    return module.MODEL_VOCAB_SIZE
+
+
 def _base_vocab_size(folder: Path) -> int:
     if (folder / "vocab.json").is_file():
         return len(_json(folder / "vocab.json"))
@@ -318,7 +479,8 @@ def token_id(ckpt_dir: Path, token: str) -> int | None:
 # ----------------------------------------------------------------------------------------------- config.json
 
 def _vision_config(family: Family) -> dict:
-    fields = {**_VISION_CONFIG_COMMON, **family.vision, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE}
+    fields = {**_VISION_CONFIG_COMMON, **family.vision, **dict(family.vision_extra), "image_size": IMAGE_SIZE,
+              "patch_size": PATCH_SIZE}
     return dict(sorted((k, v) for k, v in fields.items() if k not in family.vision_omits))
 
 
@@ -328,6 +490,10 @@ def _llm_config(family: Family, vocab_size: int) -> dict:
 
 def chat_config(family: Family, vocab_size: int) -> dict:
     """config.json of an InternVLChatModel checkpoint, keys as the published files have them."""
+    return dict(sorted({**_chat_config(family, vocab_size), **dict(family.top_level)}.items()))
+
+
+def _chat_config(family: Family, vocab_size: int) -> dict:
     return {
         "_commit_hash": None,
         "architectures": ["InternVLChatModel"],
@@ -358,6 +524,7 @@ def chat_config(family: Family, vocab_size: int) -> dict:
 
 # How each kind of tensor is drawn (see _draw): fan-in scaled weights, small biases, norm weights around 1.
 _LINEAR, _BIAS, _NORM_W, _NORM_B, _EMBED, _POS, _SCALE = "linear", "bias", "norm_w", "norm_b", "embed", "pos", "ls"
+_EXPERTS = "experts"  # (experts, in, out) weights used as x @ W[e]: fan-in is dim 1
 
 
 def _linear(prefix: str, out: int, inp: int, bias: bool, gain: float = 1.0) -> list:
@@ -411,6 +578,41 @@ def _decoder_layer_specs(p: str, llm: dict) -> list:
                  + _linear(f"{p}.self_attn.qkv_proj", (heads + 2 * kv) * d, h, False)
                  + _linear(f"{p}.mlp.gate_up_proj", 2 * inter, h, False)
                  + _linear(f"{p}.mlp.down_proj", h, inter, False))
+    elif arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
+        d = llm.get("head_dim") or d
+        # with a tied LM head the layers must outweigh the token's own (small) embedding in the residual stream
+        out_gain = 8.0 if llm.get("tie_word_embeddings") else 1.0
+        specs = (_linear(f"{p}.self_attn.q_proj", heads * d, h, False)
+                 + _linear(f"{p}.self_attn.k_proj", kv * d, h, False)
+                 + _linear(f"{p}.self_attn.v_proj", kv * d, h, False)
+                 + _linear(f"{p}.self_attn.o_proj", h, heads * d, False, gain=out_gain)
+                 + _norm(f"{p}.self_attn.q_norm", d, False) + _norm(f"{p}.self_attn.k_norm", d, False))
+        if arch == "Qwen3MoeForCausalLM":
+            # router, then one MLP module per expert (transformers 4.5x's nn.ModuleList)
+            moe = llm["moe_intermediate_size"]
+            specs += _linear(f"{p}.mlp.gate", llm["num_experts"], h, False)
+            for e in range(llm["num_experts"]):
+                specs += (_linear(f"{p}.mlp.experts.{e}.gate_proj", moe, h, False)
+                          + _linear(f"{p}.mlp.experts.{e}.up_proj", moe, h, False)
+                          + _linear(f"{p}.mlp.experts.{e}.down_proj", h, moe, False))
+        else:
+            specs += (_linear(f"{p}.mlp.gate_proj", inter, h, False) + _linear(f"{p}.mlp.up_proj", inter, h, False)
+                      + _linear(f"{p}.mlp.down_proj", h, inter, False, gain=out_gain))
+    elif arch == "GptOssForCausalLM":
+        d = llm.get("head_dim") or d
+        experts = llm["num_local_experts"]
+        # the attention's own parameter (one sink logit per head) comes before its sub-modules' in the state dict
+        specs = ([(f"{p}.self_attn.sinks", (heads,), _POS, 1.0)]
+                 + _linear(f"{p}.self_attn.q_proj", heads * d, h, True)
+                 + _linear(f"{p}.self_attn.k_proj", kv * d, h, True)
+                 + _linear(f"{p}.self_attn.v_proj", kv * d, h, True)
+                 + _linear(f"{p}.self_attn.o_proj", h, heads * d, True)
+                 + _linear(f"{p}.mlp.router", experts, h, True)
+                 # fused experts stored (experts, in, out), x @ W; gate_up columns interleave gate and up
+                 + [(f"{p}.mlp.experts.gate_up_proj", (experts, h, 2 * inter), _EXPERTS, 1.0),
+                    (f"{p}.mlp.experts.gate_up_proj_bias", (experts, 2 * inter), _BIAS, 1.0),
+                    (f"{p}.mlp.experts.down_proj", (experts, inter, h), _EXPERTS, 1.0),
+                    (f"{p}.mlp.experts.down_proj_bias", (experts, h), _BIAS, 1.0)])
     else:   # Qwen2 (q/k/v bias) and Llama
         o_bias = bool(llm.get("attention_bias"))
         qkv_bias = arch == "Qwen2ForCausalLM" or o_bias
@@ -428,10 +630,16 @@ def _llm_specs(llm: dict) -> list:
     h, vocab = llm["hidden_size"], llm["vocab_size"]
     internlm2 = llm["architectures"][0] == "InternLM2ForCausalLM"
     m = "language_model.model"
-    specs = [(f"{m}.tok_embeddings.weight" if internlm2 else f"{m}.embed_tokens.weight", (vocab, h), _EMBED, 1.0)]
+    # a tied embedding is the LM head too: drawn at the head's scale (std 3 / sqrt(h)), which also keeps a token's
+    # own embedding from dominating the last hidden state (greedy decoding would echo the last prompt token)
+    tied = bool(llm.get("tie_word_embeddings"))
+    specs = [(f"{m}.tok_embeddings.weight" if internlm2 else f"{m}.embed_tokens.weight", (vocab, h), _EMBED,
+              3.0 / math.sqrt(h) if tied else 1.0)]
     for i in range(llm["num_hidden_layers"]):
         specs += _decoder_layer_specs(f"{m}.layers.{i}", llm)
     specs += _norm(f"{m}.norm", h, False)
+    if llm.get("tie_word_embeddings"):
+        return specs  # the LM head is the embedding matrix: save_pretrained writes it once
     # lm head gain 3: logits of a few units, neither flat nor saturated
     specs += _linear("language_model.output" if internlm2 else "language_model.lm_head", vocab, h, False, gain=3.0)
     return specs
@@ -460,6 +668,8 @@ def _draw(shape: tuple, kind: str, scale: float, g: torch.Generator) -> torch.Te
     if kind == _LINEAR:
         fan_in = math.prod(shape[1:])
         return normal(scale / math.sqrt(fan_in))
+    if kind == _EXPERTS:
+        return normal(scale / math.sqrt(shape[1]))
     if kind == _BIAS:
         return normal(0.1)
     if kind == _NORM_W:

@@ -70,7 +70,8 @@ def shrunk(name: str):
 
 
 @pytest.mark.parametrize("name", ["internvl2-1b", "internvl2-2b", "internvl2-4b", "internvl-chat-v1_5",
-                                  "internvl2-llama3-76b"])
+                                  "internvl2-llama3-76b", "internvl2_5-26b", "internvl3-2b", "internvl3_5-1b",
+                                  "internvl3_5-30b-a3b", "internvl3_5-gpt-oss-20b-a4b"])
 def test_real_type_builds_offline_without_a_tokenizer(name):
     cfg = shrunk(name)
     model = load_model(cfg, None)
@@ -99,7 +100,21 @@ def test_full_size_on_meta_has_the_published_size(name):
     assert total == count_parameters(cfg.arch)["total"]
     published = PUBLISHED_PARAMS_B[name] * 1e9
     assert abs(total - published) <= max(0.03 * published, 0.05e9)
-    assert model.config.image_token_id == cfg.arch["image_token_id"]
+    # InternVL3-9B's id is only known from its tokenizer: a count on meta embeds no image
+    assert model.config.image_token_id == (cfg.arch["image_token_id"] or 0)
+
+
+def test_tied_lm_head_is_counted_once():
+    """InternVL3.5 ties the LM head where its LLM config does: one parameter, counted (and planned) once."""
+    cfg = shrunk("internvl3_5-1b")
+    tied = dataclasses.replace(cfg, arch={**cfg.arch, "llm": {**cfg.arch["llm"], "tie_word_embeddings": True}})
+    untied_model, tied_model = load_model(cfg, None), load_model(tied, None)
+    assert tied_model.lm_head.weight is tied_model.get_input_embeddings().weight
+    assert untied_model.lm_head.weight is not untied_model.get_input_embeddings().weight
+    rows, width = tied_model.get_input_embeddings().weight.shape
+    untied, tied_total = (sum(p.numel() for p in m.parameters()) for m in (untied_model, tied_model))
+    assert untied - tied_total == rows * width
+    assert count_parameters(tied.arch)["total"] == tied_total
 
 
 def test_arch_and_tokenizer_must_agree():

@@ -116,3 +116,25 @@ def test_plan_command_prints_parts_and_device_map_suggestion():
     bad = subprocess.run([sys.executable, "-m", "vltrain.plan", "world_sise=2"], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "world_size" in bad.stderr
+
+
+
+@pytest.mark.parametrize("name, active", [("internvl3_5-30b-a3b", 768 * 8), ("internvl3_5-gpt-oss-20b-a4b", 2880 * 4),
+                                          ("internvl3_5-8b", 12288)])
+def test_mixture_of_experts_counts_every_expert_and_activates_the_routed_ones(name, active):
+    """Weights, gradients and optimizer states hold every expert; a token's activations go through the experts it is
+    routed to: one expert's width x experts per token (GPT-OSS: 2880 x 4, four times its `intermediate_size`)."""
+    import dataclasses
+
+    from vltrain.model.catalog import count_parameters as count_on_meta
+
+    cfg, _ = compose_plan([f"model={name}", "sft_type=full", "parallel=zero3"])
+    counts = count_parameters(cfg)
+    assert counts.intermediate == active
+    assert sum(counts.total.values()) == count_on_meta(cfg.model.arch)["total"]
+    est = estimate(cfg, counts, world_size=8, tiles=13)
+    assert est.weights == pytest.approx(2 * sum(counts.total.values()) / 8)
+    one_expert = estimate(cfg, dataclasses.replace(counts, intermediate=active // 4), world_size=8, tiles=13)
+    L = cfg.data.max_length
+    per_layer = L * 4 * (active - active // 4) * 2  # the 4i term of one layer's activations, bf16
+    assert est.activations - one_expert.activations in (per_layer, counts.llm_layers * per_layer)

@@ -12,7 +12,14 @@ What changes (reference: the official `modeling_internvl_chat.py`, `modeling_int
 - InternLM2 -> Llama: renames, `wqkv` split per KV group (rows [q_1..q_G, k, v] per KV head, NOT [Q|K|V]),
   `bias` -> attention bias, rope_scaling dynamic/linear -> `rope_parameters`.
 - Phi-3: prefix rename; legacy `su`/`longrope`/`yarn` rope_scaling built into explicit longrope `rope_parameters`.
-- Qwen2, Llama (Yi, Llama-3): prefix rename.
+- Qwen2 / Qwen2.5, Llama (Yi, Llama-3), Qwen3 (q/k norm), GPT-OSS (attention sinks, router, fused experts with
+  biases, sliding / full layers): prefix rename.
+- Qwen3-MoE: the per-expert modules of the original layout are fused into transformers' 3D expert parameters
+  (`vltrain.model.families.qwen3_moe`).
+- LM head: InternVL 1.5-3 never tie it (the config class forces `tie_word_embeddings` false); InternVL3.5's takes
+  it from `llm_config` (the small Qwen3 sizes tie, and their files hold no LM head).
+- config.json keys the model does not use are ignored: InternVL3's vision MoE keys (`use_moe` must be false),
+  InternVL3.5's top-level `eos_token_id` / `pad_token_id` and its `llm_config` training switches.
 - bitsandbytes int8 checkpoints (InternVL-Chat-V1-5-int8: `weight` int8 + `SCB`) are dequantised on the way in;
   `model.load_in_8bit` quantises them again: to the same int8 values from fp32 or fp16 weights, while bf16
   rounding moves a few (about 0.05%) by one step.
@@ -41,16 +48,21 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    GptOssConfig,
     InternVLConfig,
     InternVLForConditionalGeneration,
     InternVLVisionConfig,
     LlamaConfig,
     Phi3Config,
     Qwen2Config,
+    Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from vltrain.config import ConfigError
 from vltrain.data.templates import chat_template_jinja, get_template
+from vltrain.model.families import FAMILIES, LlmFamily, family_by_native_type, intern_vit, internlm2
+from vltrain.model.families.qwen3_moe import EXPERT_KEY, ExpertCollector
 from vltrain.model.generation import configure_generation
 from vltrain.model.geometry import original_geometry
 from vltrain.model.internvl import PS_V1, model_class
@@ -69,16 +81,10 @@ class ConversionError(ConfigError):
     """An original checkpoint that cannot be converted; the message names the file and the keys."""
 
 
-# InternLM2Config's class defaults (the official internlm2/configuration_internlm2.py).
-INTERNLM2_DEFAULTS = {
-    "vocab_size": 103168, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu", "max_position_embeddings": 2048,
-    "initializer_range": 0.02, "rms_norm_eps": 1e-6, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
-    "bias": True, "rope_theta": 10000.0, "rope_scaling": None,
-}
-LLM_FAMILIES = {"InternLM2ForCausalLM": "internlm2", "Phi3ForCausalLM": "phi3", "Qwen2ForCausalLM": "qwen2",
-                "LlamaForCausalLM": "llama"}
-_TEXT_CONFIG = {"phi3": Phi3Config, "qwen2": Qwen2Config, "llama": LlamaConfig}
+INTERNLM2_DEFAULTS = internlm2.DEFAULTS
+LLM_FAMILIES = {arch: family.name for arch, family in FAMILIES.items()}
+_TEXT_CONFIG = {"phi3": Phi3Config, "qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3": Qwen3Config,
+                "qwen3_moe": Qwen3MoeConfig, "gpt_oss": GptOssConfig}
 
 
 # ---- config ------------------------------------------------------------------------------------------------
@@ -88,6 +94,9 @@ def convert_config(original: dict, image_token_id: int) -> InternVLConfig:
     """The native InternVLConfig of an original `InternVLChatConfig` dict (config.json as published)."""
     top = original_top_level(original)
     vision = original_vision(original)
+    if vision.get("use_moe"):
+        raise ConversionError("vision_config.use_moe: true (a mixture-of-experts vision tower) is not supported; "
+                              "InternVL3's config carries the MoE keys with use_moe false")
     image_size, tokens = original_geometry(original)
     patch_size = vision["patch_size"]
     if vision["qk_normalization"] and not math.isclose(vision["layer_norm_eps"], 1e-6):
@@ -116,26 +125,31 @@ def convert_config(original: dict, image_token_id: int) -> InternVLConfig:
     ratio = top["downsample_ratio"]
     if top["ps_version"] not in ("v1", "v2"):
         raise ConversionError(f"ps_version: unknown value {top['ps_version']!r} (expected 'v1' or 'v2')")
+    text = text_config(original.get("llm_config") or {})
     config = InternVLConfig(
         vision_config=vision_config,
-        text_config=text_config(original.get("llm_config") or {}),
+        text_config=text,
         image_token_id=image_token_id,
         image_seq_length=tokens,
         downsample_ratio=ratio,
         projector_hidden_act="gelu",
         vision_feature_layer=top["select_layer"],
         vision_feature_select_strategy="default",
-        tie_word_embeddings=False,  # InternVLChatConfig forces it for every size
+        tie_word_embeddings=text.tie_word_embeddings,  # see text_config
         ps_version=top["ps_version"],
     )
     return config
 
 
 def llm_family(llm: dict) -> str:
+    return llm_family_spec(llm).name
+
+
+def llm_family_spec(llm: dict) -> LlmFamily:
     arch = (llm.get("architectures") or [None])[0]
-    if arch not in LLM_FAMILIES:
-        raise ConversionError(f"llm_config.architectures: {arch!r} is not one of {', '.join(LLM_FAMILIES)}")
-    return LLM_FAMILIES[arch]
+    if arch not in FAMILIES:
+        raise ConversionError(f"llm_config.architectures: {arch!r} is not one of {', '.join(FAMILIES)}")
+    return FAMILIES[arch]
 
 
 def text_config(llm: dict):
@@ -146,7 +160,12 @@ def text_config(llm: dict):
     cls = _TEXT_CONFIG[family]
     fields = {f.name for f in dataclasses.fields(cls)} - {"transformers_version", "architectures", "dtype"}
     kwargs = {k: v for k, v in llm.items() if k in fields}
-    kwargs["tie_word_embeddings"] = False
+    if llm.get("head_dim"):  # not a field of every config class (Qwen3MoeConfig), but read by its attention
+        kwargs["head_dim"] = llm["head_dim"]
+    # InternVL3.5's config class ties the LM head as the LLM config says (its class default when absent: false);
+    # InternVL 1.5-3 force it off
+    kwargs["tie_word_embeddings"] = bool(llm.get("tie_word_embeddings", False)) and FAMILIES[
+        llm["architectures"][0]].tie_from_llm
     kwargs["use_cache"] = True  # fine-tuned checkpoints often store False; generation wants the cache
     if family == "phi3":
         kwargs["rope_parameters"] = _phi3_rope(llm)
@@ -223,20 +242,12 @@ class _Layout:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    num_experts: int = 0
+    tied: bool = False
 
 
-_VISION_LAYER = {"attn.proj.": "attention.projection_layer.", "attn.q_norm.": "attention.q_norm.",
-                 "attn.k_norm.": "attention.k_norm.", "norm1.": "layernorm_before.", "norm2.": "layernorm_after.",
-                 "mlp.fc1.": "mlp.fc1.", "mlp.fc2.": "mlp.fc2.", "ls1": "lambda_1", "ls2": "lambda_2"}
-_EMBEDDINGS = {"class_embedding": "cls_token", "position_embedding": "position_embeddings",
-               "patch_embedding.weight": "patch_embeddings.projection.weight",
-               "patch_embedding.bias": "patch_embeddings.projection.bias"}
-_PROJECTOR = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
-_INTERNLM2_LAYER = {"attention.wo.": "self_attn.o_proj.", "feed_forward.w1.": "mlp.gate_proj.",
-                    "feed_forward.w3.": "mlp.up_proj.", "feed_forward.w2.": "mlp.down_proj.",
-                    "attention_norm.": "input_layernorm.", "ffn_norm.": "post_attention_layernorm."}
-_INTERNLM2_TOP = {"model.tok_embeddings.weight": "model.language_model.embed_tokens.weight",
-                  "model.norm.weight": "model.language_model.norm.weight", "output.weight": "lm_head.weight"}
+_VISION_LAYER, _EMBEDDINGS, _PROJECTOR = intern_vit.LAYER, intern_vit.EMBEDDINGS, intern_vit.PROJECTOR
+_INTERNLM2_LAYER, _INTERNLM2_TOP = internlm2.LAYER, internlm2.TOP
 # Older transformers saved rotary caches in .bin checkpoints; they are recomputed, not weights.
 _RECOMPUTED = re.compile(r"rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 
@@ -274,8 +285,10 @@ def _rename_by_prefix(rest: str, table: dict[str, str]) -> str | None:
     return None
 
 
-def convert_tensor(name: str, tensor: torch.Tensor, layout: _Layout) -> list[tuple[str, torch.Tensor]] | None:
-    """The native (name, tensor) pairs of one original tensor; [] for recomputed buffers, None for an unknown key."""
+def convert_tensor(name: str, tensor: torch.Tensor, layout: _Layout,
+                   experts: ExpertCollector | None = None) -> list[tuple[str, torch.Tensor]] | None:
+    """The native (name, tensor) pairs of one original tensor; [] for recomputed buffers (and for per-expert
+    tensors `experts` holds until their layer is complete), None for an unknown key."""
     if _RECOMPUTED.search(name):
         return []
     if name.startswith("vision_model.embeddings."):
@@ -298,6 +311,8 @@ def convert_tensor(name: str, tensor: torch.Tensor, layout: _Layout) -> list[tup
     if layout.family != "internlm2":
         if name == "lm_head.weight":
             return [(name, tensor)]
+        if experts is not None and (m := EXPERT_KEY.fullmatch(name)):
+            return [("model.language_model." + n, t) for n, t in experts.take(m, tensor)]
         return [("model.language_model." + name.removeprefix("model."), tensor)] if name.startswith("model.") else None
     if name in _INTERNLM2_TOP:
         return [(_INTERNLM2_TOP[name], tensor)]
@@ -326,7 +341,10 @@ def _layout(original: dict) -> _Layout:
     hidden = llm.get("hidden_size", defaults.get("hidden_size"))
     heads = llm.get("num_attention_heads", defaults.get("num_attention_heads"))
     kv = llm.get("num_key_value_heads") or heads
-    return _Layout(family, heads, kv, llm.get("head_dim") or (hidden // heads if hidden and heads else 0))
+    spec = FAMILIES[llm["architectures"][0]]
+    return _Layout(family, heads, kv, llm.get("head_dim") or (hidden // heads if hidden and heads else 0),
+                   num_experts=llm.get("num_experts", 0) if spec.experts == "per_expert" else 0,
+                   tied=bool(llm.get("tie_word_embeddings", False)) and spec.tie_from_llm)
 
 
 # ---- shards --------------------------------------------------------------------------------------------------
@@ -404,7 +422,7 @@ def dequantize_int8(shard: dict[str, torch.Tensor], carry: dict[str, torch.Tenso
 
 
 def _convert_shard(file: Path, layout: _Layout, unknown: list[str], int8_carry: dict[str, torch.Tensor],
-                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                   dtype: torch.dtype, experts: ExpertCollector | None = None) -> dict[str, torch.Tensor]:
     """The native tensors of one shard; original keys that map to nothing are appended to `unknown`."""
     shard = read_shard(file)
     try:
@@ -413,7 +431,10 @@ def _convert_shard(file: Path, layout: _Layout, unknown: list[str], int8_carry: 
         raise ConversionError(f"{file}: {e}") from None
     converted: dict[str, torch.Tensor] = {}
     for name in list(shard):
-        pairs = convert_tensor(name, shard.pop(name), layout)
+        try:
+            pairs = convert_tensor(name, shard.pop(name), layout, experts)
+        except ValueError as e:
+            raise ConversionError(f"{file}: {e}") from None
         if pairs is None:
             unknown.append(f"{name} ({file.name})")
         else:
@@ -447,11 +468,15 @@ def load_original(path: Path, tokenizer, dtype: torch.dtype,
     if len(tokenizer) > vocab:
         raise ConversionError(f"{path / 'config.json'}: llm_config.vocab_size {vocab} < {len(tokenizer)} tokens "
                               "in the tokenizer")
-    config._attn_implementation = attn_impl
+    from vltrain.model.load import attention_implementations
+
+    config._attn_implementation = attention_implementations(config.text_config, attn_impl)
     config.dtype = dtype
 
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers computed for real
         model = model_class(config)(config)
+    if config.tie_word_embeddings:
+        model.tie_weights()  # lm_head shares the embedding parameter: one target, loaded once
     targets = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if n in model.state_dict()}
     pending = set(targets)
     unknown: list[str] = []
@@ -459,11 +484,15 @@ def load_original(path: Path, tokenizer, dtype: torch.dtype,
     mismatched: list[str] = []
     layout = _layout(original)
     int8_carry: dict[str, torch.Tensor] = {}
+    experts = ExpertCollector(layout.num_experts) if layout.num_experts else None
+    tied_head = None  # a tied model's lm_head tensor, when the files hold one: it must equal the embeddings
     for file in progress(shard_files(path), desc=f"converting {path.name}", unit="shards"):
-        converted = _convert_shard(file, layout, unknown, int8_carry, dtype)
+        converted = _convert_shard(file, layout, unknown, int8_carry, dtype, experts)
         for name in list(converted):  # popped: each source tensor is freed once its `dtype` copy is in place
             tensor = converted.pop(name)
-            if name not in targets:
+            if layout.tied and name == "lm_head.weight":
+                tied_head = tensor.to(dtype)
+            elif name not in targets:
                 unexpected.append(name)
             elif tensor.shape != targets[name].shape:
                 mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(targets[name].shape)}")
@@ -473,12 +502,21 @@ def load_original(path: Path, tokenizer, dtype: torch.dtype,
         tensor = None  # nothing of this shard outlives its loop (peak: one model + one shard)
     unknown += [f"{name} (int8 tensor without its {'weight' if name.endswith('.SCB') else 'SCB'})"
                 for name in int8_carry]
+    unknown += [f"{group} (incomplete experts)" for group in (experts.incomplete() if experts else [])]
     problems = [f"{len(names)} {what}: {_listing(names)}" for what, names in (
         ("missing", sorted(pending)), ("unknown original keys", unknown),
         ("converted keys the model lacks", unexpected), ("shape mismatches", mismatched)) if names]
     if problems:
         raise ConversionError(f"{path}: cannot convert ({llm_family(original.get('llm_config') or {})} LLM): "
                               + " | ".join(problems))
+    if layout.tied:
+        model.tie_weights()  # the assigned embedding replaced the parameter lm_head shared
+        embeddings = model.get_input_embeddings().weight
+        if model.lm_head.weight is not embeddings:
+            raise ConversionError(f"{path}: tie_word_embeddings is set but the LM head could not be tied")
+        if tied_head is not None and not torch.equal(tied_head, embeddings.data):
+            raise ConversionError(f"{path}: llm_config.tie_word_embeddings is true but the checkpoint's "
+                                  "language_model.lm_head.weight differs from the embeddings")
     model.eval()
     return model
 
@@ -508,7 +546,8 @@ NAMED_IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
 
 def save_converted(model, tokenizer, dst: Path, template: str, max_shard_size: str = "5GB") -> None:
     """Write an HF-native folder that plain `InternVLForConditionalGeneration.from_pretrained(dst)` and
-    `AutoTokenizer.from_pretrained(dst)` load without remote code: sharded safetensors, config.json,
+    `AutoTokenizer.from_pretrained(dst)` load without remote code: sharded safetensors, config.json (its
+    `text_config.architectures` naming the LLM class),
     generation_config.json (as `configure_generation` sets it: greedy, eos = the template's stop token) and the
     tokenizer with the template as its Jinja chat_template and the InternVL image tokens named.
     """
@@ -525,6 +564,9 @@ def save_converted(model, tokenizer, dst: Path, template: str, max_shard_size: s
             "uses the v1 pixel shuffle; plain transformers InternVLForConditionalGeneration.from_pretrained "
             "would run the v2 pixel shuffle (token grid transposed) and give wrong image features.", dst)
     dst.mkdir(parents=True, exist_ok=True)
+    family = family_by_native_type(model.config.text_config.model_type)
+    if family is not None:  # as the published -hf folders name it (and LMDeploy reads it to pick a backend)
+        model.config.text_config.architectures = [family.native_architecture]
     configure_generation(model, tokenizer, template)  # what vltrain's own loading sets
     model.save_pretrained(dst, max_shard_size=max_shard_size)
 

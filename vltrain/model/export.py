@@ -31,28 +31,30 @@ import torch
 from vltrain.config import ConfigError, TrainConfig
 from vltrain.files import write_atomic
 from vltrain.manifest import MANIFEST_FILE, RUN_CONFIG
-from vltrain.model.convert import (
-    _EMBEDDINGS,
-    _INTERNLM2_LAYER,
-    _INTERNLM2_TOP,
-    _PROJECTOR,
-    _VISION_LAYER,
-    fuse_grouped_qkv,
-    save_converted,
-)
+from vltrain.model.convert import fuse_grouped_qkv, save_converted
+from vltrain.model.families import FAMILIES, family_by_native_type, family_of, intern_vit, internlm2
+from vltrain.model.families.qwen3_moe import split_experts
 from vltrain.model.original import is_original_layout
 
 log = logging.getLogger(__name__)
 
 MERGED_FROM = "merged_from.json"
-LLM_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM"}
+# native text config type -> the causal-LM class an HF-native folder names (LMDeploy picks its backend by it)
+LLM_ARCHITECTURES = {f.native_type: f.native_architecture for f in FAMILIES.values()}
 # The published LLM of each model type (the native model runs InternLM2 as Llama).
 TYPE_LLM = {"internvl-chat-v1_5": "InternLM2ForCausalLM", "internvl-chat-v1_5-int8": "InternLM2ForCausalLM",
             "mini-internvl-chat-2b-v1_5": "InternLM2ForCausalLM", "mini-internvl-chat-4b-v1_5": "Phi3ForCausalLM",
             "internvl2-1b": "Qwen2ForCausalLM", "internvl2-2b": "InternLM2ForCausalLM",
             "internvl2-4b": "Phi3ForCausalLM", "internvl2-8b": "InternLM2ForCausalLM",
             "internvl2-26b": "InternLM2ForCausalLM", "internvl2-40b": "LlamaForCausalLM",
-            "internvl2-llama3-76b": "LlamaForCausalLM"}
+            "internvl2-llama3-76b": "LlamaForCausalLM",
+            **{f"internvl2_5-{size}": "Qwen2ForCausalLM" for size in ("1b", "4b", "38b", "78b")},
+            **{f"internvl2_5-{size}": "InternLM2ForCausalLM" for size in ("2b", "8b", "26b")},
+            **{f"internvl3-{size}": "Qwen2ForCausalLM" for size in ("1b", "2b", "8b", "14b", "38b", "78b")},
+            "internvl3-9b": "InternLM2ForCausalLM",  # internlm3-8b-instruct, declared as InternLM2
+            **{f"internvl3_5-{size}": "Qwen3ForCausalLM" for size in ("1b", "2b", "4b", "8b", "14b", "38b")},
+            "internvl3_5-30b-a3b": "Qwen3MoeForCausalLM", "internvl3_5-241b-a28b": "Qwen3MoeForCausalLM",
+            "internvl3_5-gpt-oss-20b-a4b": "GptOssForCausalLM"}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 
@@ -144,7 +146,7 @@ def save_hf_native(model, tokenizer, dst: Path, template: str) -> None:
     """An HF-native folder (see `save_converted`) whose config names the LLM class in `text_config.architectures`."""
     text = model.config.text_config
     text.architectures = [LLM_ARCHITECTURES.get(text.model_type, type(model.model.language_model).__name__)]
-    save_converted(model, tokenizer, dst, template)
+    save_converted(model, tokenizer, dst, template)  # keeps a known family's class, names it otherwise
 
 
 # ---- original layout ----------------------------------------------------------------------------------------
@@ -154,11 +156,11 @@ def _invert(table: dict[str, str]) -> dict[str, str]:
     return {new: old for old, new in table.items()}
 
 
-_VISION_BACK = _invert(_VISION_LAYER)
-_EMBEDDINGS_BACK = _invert(_EMBEDDINGS)
-_PROJECTOR_BACK = _invert(_PROJECTOR)
-_INTERNLM2_TOP_BACK = _invert(_INTERNLM2_TOP)
-_INTERNLM2_LAYER_BACK = _invert(_INTERNLM2_LAYER)
+_VISION_BACK = _invert(intern_vit.LAYER)
+_EMBEDDINGS_BACK = _invert(intern_vit.EMBEDDINGS)
+_PROJECTOR_BACK = _invert(intern_vit.PROJECTOR)
+_INTERNLM2_TOP_BACK = _invert(internlm2.TOP)
+_INTERNLM2_LAYER_BACK = _invert(internlm2.LAYER)
 
 
 def _rename(rest: str, table: dict[str, str]) -> str | None:
@@ -174,6 +176,8 @@ def original_state_dict(model, llm_arch: str) -> dict[str, torch.Tensor]:
 
     state = {k: v for k, v in model.state_dict().items()}
     text = model.config.text_config
+    family = family_of(llm_arch) or family_by_native_type(text.model_type)
+    tied = model.lm_head.weight is model.get_input_embeddings().weight
     heads = text.num_attention_heads
     kv = text.num_key_value_heads or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -204,10 +208,13 @@ def original_state_dict(model, llm_arch: str) -> dict[str, torch.Tensor]:
                 continue
         elif llm_arch != "InternLM2ForCausalLM":
             if name == "lm_head.weight":
-                out["language_model.lm_head.weight"] = tensor
+                if not tied:  # a tied head is the embedding matrix, which the original files hold once
+                    out["language_model.lm_head.weight"] = tensor
                 continue
             if name.startswith("model.language_model."):
-                out["language_model.model." + name.removeprefix("model.language_model.")] = tensor
+                rest = "language_model.model." + name.removeprefix("model.language_model.")
+                per_expert = split_experts(rest, tensor) if family.experts == "per_expert" else None
+                out.update(per_expert if per_expert is not None else {rest: tensor})
                 continue
         elif name in _INTERNLM2_TOP_BACK:
             out["language_model." + _INTERNLM2_TOP_BACK[name]] = tensor
@@ -249,7 +256,8 @@ def original_llm_config(text, llm_arch: str, dtype: str) -> dict:
               "num_attention_heads": text.num_attention_heads, "num_key_value_heads": text.num_key_value_heads,
               "hidden_act": text.hidden_act, "max_position_embeddings": text.max_position_embeddings,
               "initializer_range": text.initializer_range, "rms_norm_eps": text.rms_norm_eps,
-              "bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id, "pad_token_id": text.pad_token_id,
+              "bos_token_id": getattr(text, "bos_token_id", None), "eos_token_id": getattr(text, "eos_token_id", None),
+              "pad_token_id": getattr(text, "pad_token_id", None),
               "tie_word_embeddings": False, "use_cache": True, "torch_dtype": dtype, "attn_implementation": "eager"}
     if llm_arch == "InternLM2ForCausalLM":
         if rope.get("rope_type") not in ("default", "dynamic", "linear"):
@@ -271,6 +279,14 @@ def original_llm_config(text, llm_arch: str, dtype: str) -> dict:
             phi["rope_scaling"] = {"type": kind, "short_factor": list(rope["short_factor"]),
                                    "long_factor": list(rope["long_factor"])}
         return phi
+    family = family_of(llm_arch)
+    if family is not None and family.llm_config_keys:  # InternVL3.5's LLMs, as transformers 4.5x writes them
+        rope_theta = rope.get("rope_theta", 10000.0)
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        return {**common, "model_type": family.native_type, "tie_word_embeddings": bool(text.tie_word_embeddings),
+                **{key: getattr(text, key) for key in family.llm_config_keys if hasattr(text, key)},
+                "rope_theta": rope_theta,
+                "rope_scaling": None if scaling.get("rope_type", "default") == "default" else scaling}
     family = "qwen2" if llm_arch == "Qwen2ForCausalLM" else "llama"
     extra = {"attention_bias": bool(getattr(text, "attention_bias", False)),
              "mlp_bias": bool(getattr(text, "mlp_bias", False))} if family == "llama" else {
@@ -279,9 +295,14 @@ def original_llm_config(text, llm_arch: str, dtype: str) -> dict:
     return {**common, "model_type": family, **extra, **_legacy_rope(rope)}
 
 
-def original_config(model, llm_arch: str, template: str, max_tiles: int, dtype: str) -> dict:
-    """The original `InternVLChatConfig` dict of a native model."""
+def original_config(model, llm_arch: str, template: str, max_tiles: int, dtype: str, tokenizer=None) -> dict:
+    """The original `InternVLChatConfig` dict of a native model. InternVL3.5's LLM families also carry the top-level
+    `eos_token_id` / `pad_token_id` of the published files: the tokenizer's."""
     config = model.config
+    top = {}
+    family = family_of(llm_arch)
+    if family is not None and family.tie_from_llm and tokenizer is not None:
+        top = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     vision = config.vision_config
     if not vision.use_mean_pooling:
         raise ExportError("vision_config.use_mean_pooling=false (a final vision norm) has no original equivalent")
@@ -307,6 +328,7 @@ def original_config(model, llm_arch: str, template: str, max_tiles: int, dtype: 
             "initializer_range": vision.initializer_range, "initializer_factor": vision.layer_scale_init_value,
             "attention_dropout": vision.attention_dropout, "dropout": vision.projection_dropout,
             "drop_path_rate": 0.0, "use_flash_attn": False, "torch_dtype": dtype},
+        **top,
     }
 
 
@@ -368,7 +390,7 @@ def save_original(model, tokenizer, dst: str | Path, template: str, model_type: 
     dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
     dtype_name = str(dtype).removeprefix("torch.")
     state = {k: v.detach().to("cpu", dtype) for k, v in original_state_dict(model, llm_arch).items()}
-    config = original_config(model, llm_arch, template, max_tiles, dtype_name)
+    config = original_config(model, llm_arch, template, max_tiles, dtype_name, tokenizer)
     dst.mkdir(parents=True, exist_ok=True)
     split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
     for file, names in progress(list(split.filename_to_tensors.items()), desc="writing shards", unit="shard"):

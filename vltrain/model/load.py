@@ -203,6 +203,11 @@ def internvl_folder_config(path: Path) -> InternVLConfig:
     if not isinstance(config, InternVLConfig):
         raise ConfigError(f"{config_file}: model_type '{config.model_type}' is not an InternVL model (expected "
                           "'internvl', or the original 'internvl_chat' layout)")
+    import json
+
+    raw = json.loads(config_file.read_text(encoding="utf-8"))
+    if "image_token_id" not in raw and "image_token_index" in raw:  # early -hf configs (InternVL3-38B-hf)
+        config.image_token_id = raw["image_token_index"]
     return config
 
 
@@ -229,6 +234,8 @@ def build_random_model(cfg: ModelConfig, tokenizer=None, seed: int = 42, check_i
             raise ConfigError(f"model.arch.image_token_id {arch_image} of '{cfg.name}' differs from the "
                               f"tokenizer's {IMAGE_CONTEXT_TOKEN} id {image_token_id}")
         vocab_size = arch_vocab or vocab_size
+    if not check_ids and image_token_id is None and cfg.arch.get("image_token_id") is None:
+        image_token_id = 0  # a count on `meta` embeds no image (types whose id only their tokenizer knows)
     try:
         config = internvl_config(cfg.arch, vocab_size=vocab_size, image_token_id=image_token_id,
                                  attn_impl=cfg.attn_impl)

@@ -15,7 +15,8 @@ trainable, N processes, b bytes per compute-dtype value (2 for bf16):
     optimizer   Adam: single/ddp 8T (two fp32 moments);  zero*: 12T/N (fp32 master copy + moments);  *_offload: 0
     buffers     zero2: b(2 x reduce_bucket_size + allgather_bucket_size);  zero3: 2 x the largest layer, gathered
     activations per sample of `data.max_length` = L tokens and `tiles` tiles of 448 px:
-                LLM, checkpointing on: layers x L x h x b (each layer's input) + one layer recomputed, L(8h + 4i)b;
+                LLM, checkpointing on: layers x L x h x b (each layer's input) + one layer recomputed, L(8h + 4i)b
+                (i: the MLP width a token runs through; mixture of experts: one expert's width x experts per token);
                 checkpointing off: layers x L(8h + 4i)b;  logits: L x V x 10 bytes (bf16, fp32 copy, fp32 grad);
                 vision (only when the vision tower trains): the same per tile with its 1025 tokens, 8h + 2i;
                 times the per-device batch
@@ -96,7 +97,7 @@ def count_parameters(cfg: TrainConfig) -> Counts:
     text = model.config.text_config
     vision = model.config.vision_config
     counts.llm_layers, counts.hidden = text.num_hidden_layers, text.hidden_size
-    counts.intermediate, counts.vocab = text.intermediate_size, text.vocab_size
+    counts.intermediate, counts.vocab = active_intermediate(text), text.vocab_size
     counts.vision_layers, counts.vision_hidden = vision.num_hidden_layers, vision.hidden_size
     counts.vision_intermediate = vision.intermediate_size
     size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
@@ -107,6 +108,16 @@ def count_parameters(cfg: TrainConfig) -> Counts:
         sum(p.numel() for p in model.model.vision_tower.encoder.layer[0].parameters()),
         model.model.language_model.embed_tokens.weight.numel())
     return counts
+
+
+def active_intermediate(text) -> int:
+    """The MLP width one token runs through: `intermediate_size` for a dense LLM; for a mixture of experts, the
+    width of one expert times the experts each token is routed to (Qwen3-MoE: `moe_intermediate_size` x
+    `num_experts_per_tok`; GPT-OSS: `intermediate_size` x `num_experts_per_tok`)."""
+    routed = getattr(text, "num_experts_per_tok", None)
+    if not routed:
+        return text.intermediate_size
+    return (getattr(text, "moe_intermediate_size", None) or text.intermediate_size) * routed
 
 
 @dataclass
