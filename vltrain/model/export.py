@@ -177,7 +177,8 @@ def original_state_dict(model, llm_arch: str) -> dict[str, torch.Tensor]:
     state = {k: v for k, v in model.state_dict().items()}
     text = model.config.text_config
     family = family_of(llm_arch) or family_by_native_type(text.model_type)
-    tied = model.lm_head.weight is model.get_input_embeddings().weight
+    head, embeddings = state.get("lm_head.weight"), state.get("model.language_model.embed_tokens.weight")
+    tied = head is not None and embeddings is not None and head.data_ptr() == embeddings.data_ptr()
     heads = text.num_attention_heads
     kv = text.num_key_value_heads or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
