@@ -53,6 +53,8 @@ def test_max_length_beyond_the_model_positions():
 def test_misspelt_group_option_names_the_close_match():
     with pytest.raises(ConfigError, match=r"model=internvl2_8b: no such model \(did you mean 'internvl2-8b'\?\)"):
         check_overrides(["model=internvl2_8b"])
+    with pytest.raises(ConfigError, match=r"did you mean 'internvl3_5-8b'"):
+        check_overrides(["model=internvl3-5-8b"])
     with pytest.raises(ConfigError, match="sft_type=ful: no such sft_type"):
         check_overrides(["sft_type=lora,ful"])
     check_overrides(["model=internvl2-8b", "sft_type=lora,full"])

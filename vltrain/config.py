@@ -420,8 +420,14 @@ def validate(data: dict[str, Any]) -> TrainConfig:
 
 
 def suggest(key: str, choices) -> str:
-    """` (did you mean 'x'?)` for the closest of `choices`, or "" when none is close."""
-    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    """` (did you mean 'x'?)` for the closest of `choices`, or "" when none is close.
+
+    A choice that differs only in `-` / `_` / case wins: model types mix both (`internvl2-8b`, `internvl2_5-8b`),
+    so plain string similarity would send `internvl2_8b` to the wrong generation."""
+    choices = list(choices)
+    spelled = {c.replace("_", "-").lower(): c for c in choices}
+    same = spelled.get(key.replace("_", "-").lower())
+    close = [same] if same is not None else difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
