@@ -184,6 +184,9 @@ def main(argv: list[str]) -> int:
     sys.argv = [sys.argv[0], *argv]  # Hydra reads its command line from sys.argv
     if not process().distributed:
         hydra_job()
+        from vltrain.train.parallel import end_process_group
+
+        end_process_group()  # a one-process DeepSpeed run's group of one
         return 0
     from vltrain.train.parallel import clean_exit
 

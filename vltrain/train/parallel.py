@@ -110,7 +110,7 @@ def cpu_deepspeed_shim() -> None:
     """DeepSpeed through accelerate on a machine WITHOUT CUDA (tests, CPU boxes): accelerate picks no process
     group backend when there is no GPU, records one process, and the Trainer's `auto` batch sizes then disagree
     with DeepSpeed's world (`train_batch_size is not equal to micro_batch_per_gpu * ...`). This makes it choose
-    gloo across processes. Inactive where CUDA is available: it is never installed there."""
+    gloo for the process group (of one process too). Inactive where CUDA is available: it is never installed there."""
     global _SHIM_INSTALLED
     if _SHIM_INSTALLED or torch.cuda.is_available():
         return
@@ -121,7 +121,7 @@ def cpu_deepspeed_shim() -> None:
 
     def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
         chosen, kind = original(self, cpu, sagemaker_dp, backend)
-        if chosen is None and process().distributed:
+        if chosen is None and (process().distributed or torch.distributed.is_initialized()):
             return "gloo", DistributedType.MULTI_CPU
         return chosen, kind
 
@@ -132,19 +132,57 @@ def cpu_deepspeed_shim() -> None:
 # ---- process group and waiting for rank 0 ------------------------------------------------------------------------
 
 
-def init_process_group() -> bool:
-    """Join the job's process group (torchrun's environment) if there is one; True when several processes.
+def init_process_group(solo: bool = False) -> bool:
+    """Join the job's process group (torchrun's environment) if there is one; True when a group exists now.
     NCCL on GPUs (each process on its LOCAL_RANK device), gloo on CPU: what accelerate would choose, so the
-    Trainer and DeepSpeed reuse this group."""
+    Trainer and DeepSpeed reuse this group. `solo`: a run of one process gets a group of its own (DeepSpeed
+    needs one; without it, it looks for an MPI launcher and fails on `import mpi4py`)."""
     import torch.distributed as dist
 
-    if not process().distributed:
-        return False
+    if not process().distributed and not solo:
+        return dist.is_available() and dist.is_initialized()
     if not dist.is_initialized():
+        if not process().distributed:
+            one_process_environment()
         if torch.cuda.is_available():
             torch.cuda.set_device(process().local_rank)
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return True
+
+
+def one_process_environment() -> None:
+    """The variables torchrun would set, for a world of this one process (a free local port for its store);
+    what is already set is kept."""
+    import socket
+
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """`trainer.ddp_timeout` on the training collectives' group. The group is joined before the config is read
+    (the run folder's name is shared through it), so the Trainer's own setting of it would come too late and
+    torch's default (30 minutes for gloo, 10 for NCCL) would stay. One-off waits use `wait_group` instead."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    if dist.is_available() and dist.is_initialized():
+        _set_pg_timeout(datetime.timedelta(seconds=seconds))
+
+
+def collective_timeout() -> datetime.timedelta | None:
+    """The training collectives' timeout as the group holds it (None without a group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    backend = dist.group.WORLD._get_backend(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return backend.options._timeout
 
 
 _WAIT_GROUPS: dict[float, Any] = {}
@@ -201,6 +239,14 @@ def gather_to_all(value: Any, minutes: float = 180.0) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, value, group=wait_group(minutes))
     return out
+
+
+def end_process_group() -> None:
+    """Leave the process group, if any (a one-process run: no other rank to wait for)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def clean_exit(code: int = 0) -> None:

@@ -78,7 +78,7 @@ def build_trainer(cfg: TrainConfig) -> VLTrainer:
     loads, so a bad record stops the run early (`data.on_error`). Rank 0 writes the run folder's files."""
     world = process().world_size
     parallel.check_launch(cfg, world)
-    parallel.init_process_group()
+    parallel.init_process_group(solo=parallel.uses_deepspeed(cfg))
     cfg, run, point = start_run(cfg)
     args = training_arguments(cfg, run, point, world)
     set_seed(args.seed)
@@ -174,6 +174,7 @@ def training_arguments(cfg: TrainConfig, run: RunFolder, point: ResumePoint | No
         args = build_training_arguments(cfg, run.path, world, write=run.is_main)
     except ValueError as e:  # TrainingArguments' own consistency checks
         raise ConfigError(f"trainer: {str(e).strip().splitlines()[0]}") from None
+    parallel.set_collective_timeout(args.ddp_timeout)
     if point:
         check_world_size(point, world, zero=bool(args.deepspeed))
     if args.world_size != world:  # a multi-process launch silently training as independent processes
