@@ -657,8 +657,8 @@ HARMLESS_KEYS = {
     "trainer.logging_steps", "trainer.logging_first_step", "trainer.logging_strategy", "trainer.eval_steps",
     "trainer.eval_strategy", "trainer.eval_on_start", "trainer.save_steps", "trainer.save_strategy",
     "trainer.save_total_limit", "trainer.dataloader_num_workers", "trainer.dataloader_prefetch_factor",
-    "trainer.dataloader_persistent_workers", "trainer.dataloader_pin_memory", "trainer.per_device_eval_batch_size",
-    "trainer.report_to", "trainer.max_steps", "trainer.disable_tqdm", "trainer.log_level",
+    "trainer.dataloader_persistent_workers", "trainer.dataloader_pin_memory",
+    "trainer.dataloader_multiprocessing_context", "trainer.per_device_eval_batch_size", "trainer.report_to", "trainer.max_steps", "trainer.disable_tqdm", "trainer.log_level",
 }
 
 

@@ -28,6 +28,8 @@ class LineBar(plain_tqdm):  # tqdm.std: in a notebook tqdm.auto would be the wid
     line with the total time when the work took longer than `interval`. Nothing is written before the first
     interval has passed, so quick work stays silent."""
 
+    monitor_interval = 0  # no monitor thread (tqdm starts one per bar class, and it outlives the bar)
+
     def __init__(self, *args, interval: float = 5.0, **kwargs):
         self.interval = interval
         self._shown_n = 0

@@ -7,6 +7,7 @@ wait for each other.
 - `rank0_first(...)`: rank 0 (or each node's local rank 0) does a one-off job first, the others wait for it on
   a gloo group of their own whose timeout is `parallel.wait_minutes`, not the training collectives' timeout.
 - `cpu_deepspeed_shim()`: the one place that lets DeepSpeed run through accelerate on a machine without CUDA.
+- `data_worker_start(...)`: DataLoader workers start from a fork server, never from a training process.
 """
 
 from __future__ import annotations
@@ -127,6 +128,28 @@ def cpu_deepspeed_shim() -> None:
 
     accelerate_state.PartialState._prepare_backend = prepare_backend
     _SHIM_INSTALLED = True
+
+
+# ---- data workers ------------------------------------------------------------------------------------------------
+
+WORKER_PRELOAD = ["__main__", "torch", "transformers.trainer_utils", "vltrain.train.order", "vltrain.data.collator",
+                  "vltrain.data.dataset"]
+"""Imported once by the fork server, so that each worker it forks starts with them (what unpickling a worker's
+dataset, collator and seeding function needs; `__main__`: a script's main module, not run again per worker)."""
+
+
+def data_worker_start(num_workers: int) -> str | None:
+    """How DataLoader workers start: forked from a fork server, a clean single-threaded process that imported
+    `WORKER_PRELOAD` once, rather than from the training process. By the time workers start, a training process
+    runs other threads (gloo's loops, OpenMP's pool, Arrow's allocator thread, progress-bar monitors, queue
+    feeders); a worker forked from it inherits any lock such a thread held at that instant, held forever, and
+    hangs in `os.fork()` (and its rank with it, in the next collective). None: no workers."""
+    import multiprocessing
+
+    if num_workers <= 0:
+        return None
+    multiprocessing.set_forkserver_preload(WORKER_PRELOAD)
+    return "forkserver"
 
 
 # ---- process group and waiting for rank 0 ------------------------------------------------------------------------

@@ -311,6 +311,8 @@ def build_training_arguments(cfg: TrainConfig, run_dir: Path, world_size: int,
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings under LoRA work.
         kwargs.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
     kwargs.setdefault("report_to", [] if cfg.logger.name == "none" else [cfg.logger.name])
+    kwargs.setdefault("dataloader_multiprocessing_context",
+                      parallel.data_worker_start(kwargs.get("dataloader_num_workers", 0)))
     # Off a terminal (a log file, CI, a cluster job) the Trainer's bars would fill the log with carriage returns;
     # it then prints each logged step as one line instead.
     kwargs.setdefault("disable_tqdm", not is_terminal())
