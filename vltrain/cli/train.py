@@ -34,6 +34,7 @@ from vltrain.config import ConfigError, add_or_override, check_overrides, group_
 from vltrain.context import process
 
 log = logging.getLogger("vltrain")
+_FAILURE: list[str] = []  # what ended the run, when Hydra turns it into a bare exit status
 
 
 @hydra.main(version_base="1.3", config_path="pkg://vltrain.conf", config_name="train")
@@ -63,7 +64,8 @@ def hydra_job(cfg: DictConfig) -> dict | None:
         if is_main:
             discard_unused_run_dir(train_cfg.run_dir)
         sys.exit(f"vltrain: {e}")
-    except BaseException:
+    except BaseException as e:
+        _FAILURE.append(f"{type(e).__name__}: {e}")  # Hydra prints it and exits 1; the other ranks are told this
         if is_main:
             discard_unused_run_dir(train_cfg.run_dir)
         raise
@@ -188,17 +190,20 @@ def main(argv: list[str]) -> int:
 
         end_process_group()  # a one-process DeepSpeed run's group of one
         return 0
-    from vltrain.train.parallel import clean_exit
+    from vltrain.train.parallel import clean_exit, report_fault
 
     code = 0
     try:
         hydra_job()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (print(e.code, file=sys.stderr) or 1)
-    except BaseException:
+        if code:  # every other rank ends at once with this message
+            report_fault(e.code if isinstance(e.code, str) else _FAILURE[-1] if _FAILURE else f"exit status {code}")
+    except BaseException as e:
         import traceback
 
         traceback.print_exc()
         code = 1
+        report_fault(f"{type(e).__name__}: {e}")
     clean_exit(code)
     return code

@@ -8,6 +8,7 @@ wait for each other.
   a gloo group of their own whose timeout is `parallel.wait_minutes`, not the training collectives' timeout.
 - `cpu_deepspeed_shim()`: the one place that lets DeepSpeed run through accelerate on a machine without CUDA.
 - `data_worker_start(...)`: DataLoader workers start from a fork server, never from a training process.
+- `report_fault(...)` / `watch_for_faults()`: a rank that fails ends every other rank at once, with its message.
 """
 
 from __future__ import annotations
@@ -170,6 +171,8 @@ def init_process_group(solo: bool = False) -> bool:
         if torch.cuda.is_available():
             torch.cuda.set_device(process().local_rank)
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if world_size() > 1:
+        watch_for_faults()
     return True
 
 
@@ -270,6 +273,78 @@ def end_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---- a fault on one rank ends every rank --------------------------------------------------------------------------
+
+FAULT_KEY = "vltrain/fault"
+"""Key of the job's store that a failing rank sets to its message; every other rank watches it."""
+_FAULT_SEEN = "vltrain/fault_seen"
+_WATCHING = False
+
+
+def _store():
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    return _get_default_store()
+
+
+def report_fault(message: str) -> None:
+    """Tell every rank that this one failed, with its message, and wait until the others have read it or a few
+    seconds passed (rank 0 may host the store, which ends with its process). The first report wins: a rank whose
+    collective broke because another rank had already failed names that rank's fault, not its own symptom."""
+    import sys
+    import time
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    try:
+        store = _store()
+        mine = f"rank {dist.get_rank()}: {message.removeprefix('vltrain: ')}"
+        first = store.compare_set(FAULT_KEY, "", mine).decode("utf-8", "replace")
+        if first != mine:
+            sys.stderr.write(f"vltrain: stopping, {first}\n")
+            return
+        others, deadline = dist.get_world_size() - 1, time.monotonic() + 5
+        while store.add(_FAULT_SEEN, 0) < others and time.monotonic() < deadline:
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - the store may be gone with its host: the launcher ends the others
+        pass
+
+
+def watch_for_faults(interval: float = 0.2) -> None:
+    """A daemon thread that ends this process, with the failing rank's message, as soon as another rank reports a
+    fault (`report_fault`): a rank blocked in a collective would otherwise wait for the collective timeout, and
+    one waiting for rank 0's one-off work for `parallel.wait_minutes`. It stops quietly when the store goes (the
+    job ends)."""
+    import threading
+    import time
+
+    global _WATCHING
+    if _WATCHING:
+        return
+    _WATCHING = True
+    store = _store()
+
+    def watch():
+        import sys
+
+        try:
+            while not store.check([FAULT_KEY]):
+                time.sleep(interval)
+            message = store.get(FAULT_KEY).decode("utf-8", "replace")
+            store.add(_FAULT_SEEN, 1)
+        except Exception:  # noqa: BLE001 - the store ended with the job
+            return
+        if message.startswith(f"rank {rank()}:"):
+            return  # this process's own report: it is already ending
+        sys.stderr.write(f"vltrain: stopping, {message}\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="vltrain-fault-watch", daemon=True).start()
 
 
 def clean_exit(code: int = 0) -> None:

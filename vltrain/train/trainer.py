@@ -210,14 +210,28 @@ class VLTrainer(FastSteps, Trainer):
         official recipe's dummy image with `image_flags` 0). See `_dummy_image`: the loss and the gradients of
         everything else are unchanged, the vision side gets zero gradients."""
         sample_lengths = inputs.get("sample_lengths")
+        records = inputs.get("record_index")
         inputs = model_inputs(inputs)
         dummy = inputs.get("pixel_values") is None and self._vision_must_run(model)
         with _dummy_image(self.accelerator.unwrap_model(model)) if dummy else nullcontext():
             if not model.training or (self.loss_reduction == "token" and not self.router_aux_coef):
-                return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
-            loss = self._training_objective(model, inputs, sample_lengths, num_items_in_batch)
-            return (loss, None) if return_outputs else loss
+                out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                           num_items_in_batch=num_items_in_batch)
+            else:
+                loss = self._training_objective(model, inputs, sample_lengths, num_items_in_batch)
+                out = (loss, None) if return_outputs else loss
+        if model.training:
+            self._stop_before_deepspeed_backward(out[0] if return_outputs else out, records)
+        return out
+
+    def _stop_before_deepspeed_backward(self, loss: torch.Tensor, records) -> None:
+        """DeepSpeed's backward also applies the update: with `on_nonfinite=stop` a non-finite loss stops here,
+        before it. (A non-finite gradient is DeepSpeed's overflow: it zeroes the gradients and skips the update,
+        which `_get_grad_norm` then reports.)"""
+        if self.is_deepspeed_enabled and self.on_nonfinite == "stop" and not torch.isfinite(loss).all():
+            raise NumericalFault(f"loss is {loss.item()} at step {self.state.global_step + 1} (records "
+                                 f"{self._where(records)}); nothing from this step was applied or saved; "
+                                 "on_nonfinite=skip skips such steps instead")
 
     def _training_objective(self, model, inputs, sample_lengths, num_items_in_batch) -> torch.Tensor:
         """The loss of one training micro-batch with sample weights and / or the router loss. `token` keeps the
