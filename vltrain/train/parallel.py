@@ -133,10 +133,11 @@ def cpu_deepspeed_shim() -> None:
 
 # ---- data workers ------------------------------------------------------------------------------------------------
 
-WORKER_PRELOAD = ["__main__", "torch", "transformers.trainer_utils", "vltrain.train.order", "vltrain.data.collator",
-                  "vltrain.data.dataset"]
+WORKER_PRELOAD = ["vltrain.train.fork_server", "__main__", "torch", "transformers.trainer_utils", "vltrain.train.order",
+                  "vltrain.data.collator", "vltrain.data.dataset"]
 """Imported once by the fork server, so that each worker it forks starts with them (what unpickling a worker's
-dataset, collator and seeding function needs; `__main__`: a script's main module, not run again per worker)."""
+dataset, collator and seeding function needs; `__main__`: a script's main module, not run again per worker;
+`fork_server`: the server ends with the training process, even a killed one)."""
 
 
 def data_worker_start(num_workers: int) -> str | None:
