@@ -256,3 +256,59 @@ def test_ddp_killed_run_resumes_bitwise(tmp_path, tmp_path_factory, demo):
     assert all((got[k] == expected[k]).all() for k in expected)
     assert sample_pids(run_dir)
     assert_no_shared_memory_left(run_dir, before)  # both ranks and their workers were SIGKILLed once
+
+
+def test_resume_from_an_earlier_checkpoint_then_requeue_continues_that_branch(tmp_path, demo):
+    """A run with checkpoints 2, 4 and 6 is resumed from checkpoint-2: 4 and 6 (and their logging.jsonl rows) are
+    moved to `superseded/`, not deleted. That branch is killed inside step 5; `resume=auto` (what a requeued job
+    runs) continues it from its own checkpoint-4, not from the superseded checkpoint-6."""
+    args = [a for a in overrides(demo, "lora") if not a.startswith("trainer.save_total_limit")]
+    args.append("trainer.save_total_limit=10")
+    run_dir = tmp_path / "run"
+    code, out = launch(run_dir, args)
+    assert code == 0, out[-3000:]
+    first = {p.name: (p / "adapter_model.safetensors").read_bytes() for p in run_dir.glob("checkpoint-*")}
+    assert sorted(first) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KILL_WHERE": "step", "KILL_STEP": "5"}
+    proc = subprocess.run([sys.executable, "-c", RUNNER, f"resume={run_dir / 'checkpoint-2'}"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, (proc.stdout + proc.stderr)[-3000:]
+    aside = list((run_dir / "superseded").iterdir())
+    assert len(aside) == 1 and aside[0].name.endswith("-after-step-2")
+    assert sorted(p.name for p in aside[0].glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert (aside[0] / "checkpoint-6" / "adapter_model.safetensors").read_bytes() == first["checkpoint-6"]
+    moved = [json.loads(line)["step"] for line in (aside[0] / "logging.jsonl").read_text().splitlines()]
+    assert sorted({s for s in moved}) == [3, 4, 5, 6]
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]  # the new 4
+
+    code, out = launch(run_dir, args, resume=True)
+    assert code == 0, out[-3000:]
+    assert f"from {run_dir / 'checkpoint-4'}" in out
+    rows = [json.loads(line) for line in (run_dir / "logging.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, MAX_STEPS + 1))
+    # same data, seed and config: the branch ends where the first run ended, bit for bit
+    assert (run_dir / "checkpoint-6" / "adapter_model.safetensors").read_bytes() == first["checkpoint-6"]
+
+
+def test_resume_auto_never_restarts_silently(tmp_path, demo, caplog):
+    """`resume=auto` without any checkpoint starts at step 0 with a warning naming the folder; a folder whose
+    checkpoints are all incomplete is refused with each one's reason."""
+    import logging
+
+    from vltrain.config import ConfigError
+    from vltrain.manifest import find_resume_point
+
+    with caplog.at_level(logging.WARNING, logger="vltrain.manifest"):
+        point = find_resume_point("auto", str(tmp_path / "new"))
+    assert point.checkpoint is None
+    assert any("holds no checkpoint yet" in r.message and str(tmp_path / "new") in r.message for r in caplog.records)
+    broken = tmp_path / "broken"
+    (broken / "checkpoint-2").mkdir(parents=True)
+    (broken / "checkpoint-4").mkdir()
+    (broken / "checkpoint-4" / "vltrain_checkpoint.json").write_text('{"files": {"model.safetensors": 10}}')
+    (broken / "checkpoint-4" / "model.safetensors").write_bytes(b"short")
+    with pytest.raises(ConfigError) as refused:
+        find_resume_point("auto", str(broken))
+    assert "checkpoint-2: no vltrain_checkpoint.json" in str(refused.value)
+    assert "checkpoint-4: model.safetensors has 5 bytes, 10 recorded" in str(refused.value)

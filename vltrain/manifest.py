@@ -10,6 +10,7 @@ inference and export.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ BASE_RECORD = "base_model.json"
 """How to rebuild a random base (seed, dtype, digest of its weights), copied into every checkpoint."""
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+log = logging.getLogger(__name__)
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------
@@ -48,20 +50,41 @@ def checkpoint_step(path: Path) -> int | None:
 
 def is_complete(ckpt: Path) -> bool:
     """The checkpoint's completion file exists and every file it lists has its recorded size."""
+    return incompleteness(ckpt) is None
+
+
+def incompleteness(ckpt: Path) -> str | None:
+    """Why a checkpoint folder is not complete (None: it is)."""
     try:
         record = json.loads((Path(ckpt) / COMPLETE_FILE).read_text(encoding="utf-8"))
-        return all((Path(ckpt) / name).stat().st_size == size for name, size in record["files"].items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
+    except OSError:
+        return f"no {COMPLETE_FILE} (interrupted while saving, or not written by vltrain)"
+    except ValueError:
+        return f"{COMPLETE_FILE} is not valid JSON"
+    try:
+        for name, size in record["files"].items():
+            path = Path(ckpt) / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, {size} recorded"
+    except (KeyError, TypeError, AttributeError):
+        return f"{COMPLETE_FILE} lists no files"
+    return None
+
+
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """Every `checkpoint-<step>` folder of a run, complete or not, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted((p for p in run_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
+                  key=checkpoint_step)
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Complete `checkpoint-<step>` folders of a run, oldest first."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(checkpoint_step(p), p) for p in run_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
-    return [p for _, p in sorted(found) if is_complete(p)]
+    return [p for p in checkpoint_folders(run_dir) if is_complete(p)]
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
@@ -104,7 +127,9 @@ class ResumePoint:
 
 def find_resume_point(resume: str, run_dir: str | Path) -> ResumePoint:
     """`resume=auto`: the newest complete checkpoint of `run_dir`. `resume=<path>`: that run folder's newest
-    complete checkpoint, or that checkpoint (which must be complete)."""
+    complete checkpoint, or that checkpoint (which must be complete). Incomplete checkpoints newer than the one
+    chosen are named in a warning; a folder whose checkpoints are all incomplete is refused with the reason of
+    each; `resume=auto` in a folder without any checkpoint starts at step 0 there, with a warning."""
     if resume == "auto":
         folder, ckpt = Path(run_dir).resolve(), None
     else:
@@ -119,7 +144,22 @@ def find_resume_point(resume: str, run_dir: str | Path) -> ResumePoint:
             folder, ckpt = path.parent, path
         else:
             folder = path
-    ckpt = ckpt or newest_checkpoint(folder)
+    if ckpt is None:
+        folders = checkpoint_folders(folder)
+        reasons = [(p, incompleteness(p)) for p in folders]
+        complete = [p for p, why in reasons if why is None]
+        rejected = [(p, why) for p, why in reasons if why is not None]
+        if folders and not complete:
+            raise ConfigError(f"resume={resume}: no complete checkpoint in {folder}; rejected: "
+                              + "; ".join(f"{p.name}: {why}" for p, why in rejected)
+                              + ". Move them out of the folder to start again at step 0")
+        ckpt = complete[-1] if complete else None
+        newer = [(p, why) for p, why in rejected if ckpt is None or checkpoint_step(p) > checkpoint_step(ckpt)]
+        if newer:
+            log.warning("resume: newer checkpoints rejected (incomplete): %s",
+                        "; ".join(f"{p.name}: {why}" for p, why in newer))
+        if ckpt is None:
+            log.warning("resume=auto: %s holds no checkpoint yet; starting at step 0 in that folder", folder)
     source = ckpt / RUN_CONFIG if ckpt else folder / RUN_CONFIG
     saved = yaml.safe_load(source.read_text(encoding="utf-8")) if source.is_file() else None
     if resume != "auto" and saved is None:

@@ -9,7 +9,8 @@ staging folder and says so. Rotation (`save_total_limit`) counts complete checkp
 
 Resume (`resume=auto` or `resume=<run folder or checkpoint>`): the newest complete checkpoint, the saved config
 (overrides that change what is trained are refused), and the data manifest (the record files, their sizes and
-hashes, and the held-out keys): changed data is refused unless `resume_force=true`.
+hashes, and the held-out keys): changed data is refused unless `resume_force=true`. Checkpoints after the one
+resumed are moved aside (`superseded/`), never deleted, so that the resumed branch is the run folder's newest.
 """
 
 from __future__ import annotations
@@ -24,7 +25,16 @@ from pathlib import Path
 
 from vltrain.config import ConfigError
 from vltrain.files import write_atomic
-from vltrain.manifest import COMPLETE_FILE, STAGING_DIR, ResumePoint, complete_checkpoints, newest_checkpoint
+from vltrain.manifest import (
+    COMPLETE_FILE,
+    LOG_FILE,
+    STAGING_DIR,
+    ResumePoint,
+    checkpoint_folders,
+    checkpoint_step,
+    complete_checkpoints,
+    newest_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +81,44 @@ def publish(staged: Path, run_dir: Path, files: dict[str, str], step: int, world
         shutil.rmtree(staged, ignore_errors=True)
         raise checkpoint_error(e, target) from e
     return target
+
+
+SUPERSEDED_DIR = "superseded"
+"""Where checkpoints later than the one a run resumed from are moved, with their logging.jsonl rows."""
+
+
+def set_aside_later(run_dir: Path, step: int) -> Path | None:
+    """Move every checkpoint folder after `step` (complete or not) and the logging.jsonl rows after it into
+    `<run>/superseded/<time>-after-step-<step>/`, so that the branch resumed from `step` is the run folder's
+    newest and a later `resume=auto` continues it; nothing is deleted. Returns that folder (None: nothing later)."""
+    import time
+
+    run_dir = Path(run_dir)
+    later = [p for p in checkpoint_folders(run_dir) if checkpoint_step(p) > step]
+    if not later:
+        return None
+    aside = run_dir / SUPERSEDED_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-after-step-{step}"
+    aside.mkdir(parents=True, exist_ok=True)
+    log_file = run_dir / LOG_FILE
+    if log_file.is_file():
+        lines = log_file.read_text(encoding="utf-8").splitlines(keepends=True)
+        after = [line for line in lines if _row_step(line) > step]
+        with (aside / "logging.jsonl").open("a", encoding="utf-8") as f:
+            f.writelines(after)
+        write_atomic(log_file, "".join(line for line in lines if _row_step(line) <= step))
+    for path in later:
+        os.replace(path, aside / path.name)
+    _fsync_dir(run_dir)
+    log.warning("resuming from step %d: the later %s moved to %s with their logging.jsonl rows", step,
+                ", ".join(p.name for p in later), aside)
+    return aside
+
+
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):
+        return 0  # a line cut short by a kill stays with the resumed branch, which drops it
 
 
 def checkpoint_error(e: BaseException, target: Path) -> CheckpointError:

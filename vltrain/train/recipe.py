@@ -40,7 +40,7 @@ from vltrain.progress import is_terminal
 from vltrain.speed import share_cores
 from vltrain.train import parallel
 from vltrain.train.callbacks import JsonlLogger, LossPlot
-from vltrain.train.checkpoint import check_world_size, clean_leftovers, rotate
+from vltrain.train.checkpoint import check_world_size, clean_leftovers, rotate, set_aside_later
 from vltrain.train.data import prepare_data_once
 from vltrain.train.loss import router_aux_coef
 from vltrain.train.order import IndexedCollator, SeededSamples
@@ -119,6 +119,8 @@ def start_run(cfg: TrainConfig) -> tuple[TrainConfig, RunFolder, ResumePoint | N
     run.create()
     if run.is_main:
         clean_leftovers(run.path)
+        if point:  # a later `resume=auto` (a requeued job) must continue this branch, not the one it replaces
+            set_aside_later(run.path, point.step)
         # a kill between publishing a checkpoint and rotating left one too many
         rotate(run.path, cfg.trainer.get("save_total_limit"), keep=[point.checkpoint if point else None])
     return cfg, run, point
