@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vltrain.cli import compose_config
+from vltrain.config import compose_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -184,7 +184,7 @@ DEEPSPEED_NAN = '''
 import json, sys
 import torch
 from transformers import TrainerCallback
-from vltrain.cli import compose_config
+from vltrain.config import compose_config
 from vltrain.train.recipe import build_trainer
 from vltrain.train.trainer import NumericalFault
 
@@ -299,16 +299,16 @@ def test_fault_on_one_rank_ends_every_rank_with_its_message(tmp_path, demo):
 
 RANK0_DATA_FAULT = '''
 import os
-from vltrain.train import recipe
+from vltrain.train import data
 
-original = recipe.prepare_data
+original = data.prepare_data
 
 def prepare_data(cfg, encoder, run_dir, write_skipped=True, verdict=None):
     if os.environ["RANK"] == "0":
         raise OSError("injected: rank 0 could not read the records")
     return original(cfg, encoder, run_dir, write_skipped, verdict)
 
-recipe.prepare_data = prepare_data
+data.prepare_data = prepare_data
 from vltrain.__main__ import entry
 
 entry()

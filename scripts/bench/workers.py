@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from vltrain.cli import compose_config
+from vltrain.config import compose_config
 from vltrain.data.demo import write_demo_dataset
 from vltrain.train.recipe import build_trainer
 

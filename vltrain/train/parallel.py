@@ -172,7 +172,7 @@ def init_process_group(solo: bool = False) -> bool:
         if torch.cuda.is_available():
             torch.cuda.set_device(process().local_rank)
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    if world_size() > 1:
+    if process().distributed:
         watch_for_faults()
     return True
 
@@ -339,7 +339,7 @@ def watch_for_faults(interval: float = 0.2) -> None:
             store.add(_FAULT_SEEN, 1)
         except Exception:  # noqa: BLE001 - the store ended with the job
             return
-        if message.startswith(f"rank {rank()}:"):
+        if message.startswith(f"rank {process().rank}:"):
             return  # this process's own report: it is already ending
         sys.stderr.write(f"vltrain: stopping, {message}\n")
         sys.stderr.flush()
