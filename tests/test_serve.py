@@ -262,6 +262,15 @@ def test_stop_words_seed_and_temperature(server):
     sampled = [server.client.chat.completions.create(model="a", messages=messages, temperature=1.5, top_p=0.9,
                                                      seed=7).choices[0].message.content for _ in range(2)]
     assert sampled[0] == sampled[1]
+    other_seed = server.client.chat.completions.create(model="a", messages=messages, temperature=1.5, top_p=0.9,
+                                                       seed=8).choices[0].message.content
+    assert other_seed != sampled[0] and sampled[0] != text  # the seed and the temperature reach the sampler
+    # top_p alone samples with temperature at its OpenAI default of 1 (not the greedy generation config)
+    top_p_only = [server.client.chat.completions.create(model="a", messages=messages, top_p=0.9, seed=s)
+                  .choices[0].message.content for s in (7, 7, 8)]
+    explicit = server.client.chat.completions.create(model="a", messages=messages, temperature=1, top_p=0.9,
+                                                     seed=7).choices[0].message.content
+    assert top_p_only[0] == top_p_only[1] == explicit and top_p_only[0] != text and top_p_only[2] != top_p_only[0]
 
 
 def test_video_as_data_uri_and_url(server, media_server, tmp_path):
@@ -619,6 +628,9 @@ def test_configuration_errors(ckpts, tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="adapters.o: trained on base .* share one base"):
         load_served(cfg, options)
+    cfg, options = compose_command([f"adapters={{tiny: {ckpts.a}}}"], "serve", ServeOptions, run_dir="outputs/serve")
+    with pytest.raises(ConfigError, match="adapters.tiny: .* base model's served name 'tiny' .model.name"):
+        load_served(cfg, options)  # the base would be shadowed
     cfg, options = compose_command([f"adapters={{a: {ckpts.root}}}"], "serve", ServeOptions, run_dir="outputs/serve")
     with pytest.raises(ConfigError, match="adapters.a=.*: not a vltrain LoRA checkpoint"):
         load_served(cfg, options)

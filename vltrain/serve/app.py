@@ -291,9 +291,12 @@ GREEDY_BELOW = 1e-5
 
 
 def _sampling(chat: schemas.ChatRequest) -> dict:
-    """Absent temperature: the model's generation config (greedy for vltrain's models); 0: greedy."""
+    """Neither temperature nor top_p: the model's generation config (greedy for vltrain's models); temperature 0:
+    greedy; otherwise sampling, an absent one of the two at its OpenAI default (1)."""
+    if chat.temperature is None and chat.top_p is None:
+        return {}
     if chat.temperature is None:
-        return {} if chat.top_p is None else {"top_p": chat.top_p}
+        return {"do_sample": True, "temperature": 1.0, "top_p": chat.top_p}
     if chat.temperature < GREEDY_BELOW:
         return {"do_sample": False}
     return {"do_sample": True, "temperature": chat.temperature, "top_p": chat.top_p or 1.0}
@@ -336,7 +339,7 @@ async def _complete(request: Request, job: Job, record: _Record, batcher: Batche
             try:
                 event = await asyncio.wait_for(job.events.get(), timeout=0.5)
                 break
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
                 if await request.is_disconnected():
                     batcher.cancel(job)
                     record.finish(499, "cancelled", len(job.ids), " (client went away)")

@@ -57,7 +57,7 @@ async def fetch(url: str, param: str, options: ServeOptions, client) -> bytes:
     """The body of `url` within the limits (timeout for the whole fetch, size cap, allowed hosts)."""
     try:
         return await asyncio.wait_for(_fetch(url, param, options, client), timeout=options.media_timeout)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
         raise bad_request(f"{param}: {describe(url)}: not fetched within media_timeout={options.media_timeout} s",
                           param=param, code="media_fetch_failed") from None
 

@@ -110,11 +110,16 @@ def _load_adapters(options: ServeOptions):
         if base != bases[first]:
             raise ConfigError(f"adapters.{name}: trained on base {base[0]} at {base[1]}, but adapters.{first} on "
                               f"{bases[first][0]} at {bases[first][1]}; adapters served together share one base")
+    base_name = options.served_model_name or bases[first][0]  # the base is served under this name
+    if base_name in folders:
+        source = "served_model_name" if options.served_model_name else f"model.name of adapters.{first}'s base"
+        raise ConfigError(f"adapters.{base_name}: the adapter's name is the base model's served name "
+                          f"{base_name!r} ({source}); rename the adapter or set served_model_name")
     try:
         model, tokenizer, ckpt_cfg = load_checkpoint(folders[first])
     except FileNotFoundError as e:
         raise ConfigError(f"adapters.{first}: {e}") from None
-    names: dict[str, str | None] = {options.served_model_name or ckpt_cfg.model.name: None}
+    names: dict[str, str | None] = {base_name: None}
     names[first] = "default"  # peft's name of the adapter load_checkpoint put on the base
     for k, (name, folder) in enumerate(folders.items()):
         if name != first:  # peft names free of the served names' characters
