@@ -128,7 +128,8 @@ class Swift:
 
 
 def get_default_template_type(model_type: str) -> str:
-    """The template of a model type, as its model file names it (`internlm2-chat`, `Hermes-2`, `phi3-chat`)."""
+    """The template of a model type, as its model file names it (`internlm2-chat`, `Hermes-2`, `phi3-chat`,
+    `internvl2_5`, `internvl3_5_gpt_oss`)."""
     return _model_config(model_type, None).model.template
 
 

@@ -236,9 +236,6 @@ class SftConfig:
             raise ConfigError(f"sft_type.lora_rank must be >= 1, got {self.lora_rank}")
 
 
-PARALLEL_MODES = ("single", "ddp", "zero2", "zero3", "zero2_offload", "zero3_offload", "device_map")
-
-
 @dataclass
 class ParallelConfig:
     name: Literal["single", "ddp", "zero2", "zero3", "zero2_offload", "zero3_offload", "device_map"] = "single"
@@ -660,8 +657,6 @@ HARMLESS_KEYS = {
     "trainer.dataloader_persistent_workers", "trainer.dataloader_pin_memory",
     "trainer.dataloader_multiprocessing_context", "trainer.per_device_eval_batch_size", "trainer.report_to", "trainer.max_steps", "trainer.disable_tqdm", "trainer.log_level",
 }
-
-
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -45,7 +45,6 @@ CONVERTED_FROM = "converted_from.json"
 SWIFT_RECORDS = ("sft_args.json", "args.json")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
                        r"lora_magnitude_vector)(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
-_ROW_PARTS = ("lora_B", "lora_magnitude_vector")  # one row per output row of the adapted weight
 _UNSUPPORTED = {"use_qa_lora": "QA-LoRA", "use_merged_linear": "merged linear layers",
                 "fan_in_fan_out": "fan_in_fan_out (Conv1D weights)", "layer_replication": "layer replication",
                 "lora_bias": "a lora_B bias"}

@@ -82,7 +82,6 @@ class ConversionError(ConfigError):
 
 
 INTERNLM2_DEFAULTS = internlm2.DEFAULTS
-LLM_FAMILIES = {arch: family.name for arch, family in FAMILIES.items()}
 _TEXT_CONFIG = {"phi3": Phi3Config, "qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3": Qwen3Config,
                 "qwen3_moe": Qwen3MoeConfig, "gpt_oss": GptOssConfig}
 
