@@ -406,3 +406,27 @@ def test_an_adapter_for_another_base_is_refused(adapter_dirs, native_bases):
     with pytest.raises(AdapterError, match=r"language_model\.model\.layers\.0\.attention\.wqkv"):
         adapter_on(copy.deepcopy(native_bases["internlm2-vit6b-ps1"]), read_foreign(adapter_dirs[
             "internlm2/swift2-list"]))
+
+
+def test_unsupported_families_and_moe_experts_are_refused_by_name(makers, shared_tokenizers, tmp_path):
+    from types import SimpleNamespace
+
+    from vltrain.model.adapters import Lora, to_native
+
+    other = SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(model_type="mistral")))
+    with pytest.raises(AdapterError, match="'mistral' language model: not a family vltrain converts adapters of"):
+        adapters.layout_config(other, ["language_model.model.layers.0.self_attn.q_proj"])
+    base = makers[0].make_checkpoint("qwen3_moe", tmp_path / "moe", shared_tokenizers, seed=0)
+    from tests.test_convert_later import tokenizer_of
+
+    model = load_original(base, tokenizer_of(base), torch.float32)
+    text = model.config.text_config
+    q_out = model.get_submodule("model.language_model.layers.0.self_attn.q_proj").out_features
+    attention = {"language_model.model.layers.0.self_attn.q_proj": {"lora_A": torch.ones(2, text.hidden_size),
+                                                                    "lora_B": torch.ones(q_out, 2)}}
+    native = to_native(Lora(attention, 2, 4.0), model)  # attention of a Qwen3-MoE base converts
+    assert list(native.modules) == ["model.language_model.layers.0.self_attn.q_proj"]
+    expert = {"language_model.model.layers.1.mlp.experts.3.gate_proj": {
+        "lora_A": torch.ones(2, text.hidden_size), "lora_B": torch.ones(text.moe_intermediate_size, 2)}}
+    with pytest.raises(AdapterError, match=r"experts.3.gate_proj: LoRA on qwen3_moe's MoE experts cannot be"):
+        to_native(Lora({**attention, **expert}, 2, 4.0), model)

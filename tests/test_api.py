@@ -63,3 +63,15 @@ def test_swift_example_with_the_import_changed(tmp_path):
         THINKING_SYSTEM
     with pytest.raises(ValueError, match="has no thinking mode"):
         get_template("Hermes-2", tokenizer, thinking=True)
+
+
+def test_swift_from_pretrained_refuses_what_it_cannot_honour(tmp_path):
+    from vltrain import Swift
+    from vltrain.model.adapters import AdapterError
+
+    with pytest.raises(TypeError, match="unsupported keyword argument.s. adapter_name, revision"):
+        Swift.from_pretrained(None, str(tmp_path), revision="main", adapter_name="x")
+    with pytest.raises(AdapterError, match="no such folder"):
+        Swift.from_pretrained(None, str(tmp_path / "absent"))
+    with pytest.raises(AdapterError, match="not a LoRA checkpoint"):
+        Swift.from_pretrained(None, str(tmp_path))

@@ -495,3 +495,23 @@ def test_lora_and_full_steps_on_converted_models(converted, family, sft):
         assert len(trainable) == len(list(model.parameters()))
         # a vision key bias adds the same q.b to every score of a query: softmax ignores it, its gradient is 0
         assert moved == {n for n in trainable if not n.endswith("attention.k_proj.bias")}
+
+
+def test_cached_conversion_writes_once_per_version(tmp_path, monkeypatch):
+    from vltrain.model.load import cached_conversion
+
+    monkeypatch.setenv("VLTRAIN_CONVERTED_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    (src / "config.json").write_text("{}", encoding="utf-8")
+    calls = []
+
+    def write(dst):
+        calls.append(dst)
+        (dst / "out.txt").write_text("x", encoding="utf-8")
+
+    first = cached_conversion(src, "base", write)
+    assert cached_conversion(src, "base", write) == first and len(calls) == 1 and (first / ".complete").is_file()
+    assert first.name.startswith("ckpt-base-") and cached_conversion(src, "", write, salt="t") != first
+    (src / "config.json").write_text('{"changed": 1}', encoding="utf-8")
+    assert cached_conversion(src, "base", write) != first and len(calls) == 3

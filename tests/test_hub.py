@@ -216,3 +216,12 @@ def test_download_progress_is_plain_lines_off_a_terminal(hub):
     lines = stream.getvalue().splitlines()
     assert lines[-1].startswith("Downloading bytes: 3.00MB/3.00MB (100%)") and len(lines) >= 2
     assert "\r" not in stream.getvalue()
+
+
+def test_hub_ids_and_paths_told_apart():
+    from vltrain.model.hub import looks_like_hub_id
+
+    for text in ("OpenGVLab/InternVL2-8B", "a/b.c_d-e"):
+        assert looks_like_hub_id(text), text
+    for text in ("/data/InternVL2-8B", "./x/y", "../x", "~/m", "out/run/ckpt", "InternVL2-8B", "a\\b", ".x/y"):
+        assert not looks_like_hub_id(text), text

@@ -110,18 +110,12 @@ class Swift:
 
     @staticmethod
     def from_pretrained(model, model_id: str, inference_mode: bool = True, **kwargs):
-        from pathlib import Path
+        from vltrain.model.adapters import adapter_from
 
-        from peft import PeftModel
-
-        from vltrain.model.adapters import adapter_on, foreign_format, read_foreign
-
-        if foreign_format(model_id) is not None:
-            peft_model = adapter_on(model, read_foreign(model_id), trainable=not inference_mode)[0]
-        elif (Path(model_id) / "adapter_config.json").is_file():
-            peft_model = PeftModel.from_pretrained(model, model_id, is_trainable=not inference_mode)
-        else:
-            raise ValueError(f"{model_id}: not a LoRA checkpoint (vltrain, ms-swift or official InternVL)")
+        if kwargs:  # ms-swift's others (adapter_name, revision, ...) have no meaning here: refused, not dropped
+            raise TypeError(f"Swift.from_pretrained: unsupported keyword argument(s) {', '.join(sorted(kwargs))}; "
+                            "it takes model, model_id and inference_mode")
+        peft_model = adapter_from(model, model_id, trainable=not inference_mode)
         if inference_mode:
             peft_model.eval()
         return peft_model

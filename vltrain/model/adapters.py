@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from vltrain.config import ConfigError
+from vltrain.model.hub import looks_like_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -323,17 +324,32 @@ def _read_official(path: Path, read_shard, shard_files) -> ForeignCheckpoint:
 # ---- original -> native -----------------------------------------------------------------------------------------
 
 
+_EXPERT_MODULE = re.compile(r"\.mlp\.experts\.(\d+\.)?\w+$")
+
+
 def layout_config(model, original_modules) -> dict:
     """What the key conversion reads of an original config (`llm_config` architecture and head counts), from the
-    native model: InternLM2 (run as Llama natively) is told by the adapter's module names."""
+    native model's text config by its family (`vltrain.model.families`): InternLM2 (run as Llama natively) is told
+    by the adapter's module names. A family vltrain does not convert, or LoRA on MoE experts (fused 3D parameters
+    natively, which peft's LoRA does not adapt), is an AdapterError naming it."""
+    from vltrain.model.families import FAMILIES, family_by_native_type
+
     text = model.config.text_config
     internlm2 = any(re.search(r"\.(attention\.(wqkv|wo)|feed_forward\.w[123])$", m) or m == "language_model.output"
                     for m in original_modules)
-    arch = "InternLM2ForCausalLM" if internlm2 else {"phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
-        text.model_type, "LlamaForCausalLM")
+    family = FAMILIES["InternLM2ForCausalLM"] if internlm2 else family_by_native_type(text.model_type)
+    if family is None:
+        raise AdapterError(f"LoRA on a {text.model_type!r} language model: not a family vltrain converts adapters of "
+                           f"({', '.join(f.name for f in FAMILIES.values())})")
+    experts = sorted(m for m in original_modules if m.startswith("language_model.") and _EXPERT_MODULE.search(m))
+    if family.experts and experts:
+        raise AdapterError(f"{experts[0]}{f' (and {len(experts) - 1} more)' if len(experts) > 1 else ''}: LoRA on "
+                           f"{family.name}'s MoE experts cannot be represented: the native model fuses each layer's "
+                           "experts into 3D parameters, which peft's LoRA does not adapt (LoRA on attention and the "
+                           "dense layers is supported)")
     heads = text.num_attention_heads
-    return {"llm_config": {"architectures": [arch], "hidden_size": text.hidden_size, "num_attention_heads": heads,
-                           "num_key_value_heads": text.num_key_value_heads or heads,
+    return {"llm_config": {"architectures": [family.architecture], "hidden_size": text.hidden_size,
+                           "num_attention_heads": heads, "num_key_value_heads": text.num_key_value_heads or heads,
                            "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads}}
 
 
@@ -438,10 +454,17 @@ def official_trained(foreign: ForeignCheckpoint, model, tolerance: float = 0.0) 
     (an unfrozen projector, say) is returned, original names, to be carried as trained."""
     from vltrain.model.convert import convert_rows
 
+    from vltrain.model.families import FAMILIES
+
     layout = layout_config(model, foreign.lora.modules)
+    family = FAMILIES[layout["llm_config"]["architectures"][0]]
     native = model.state_dict()
     trained = {}
     for key, tensor in foreign.base_state.items():
+        if family.experts == "per_expert" and _EXPERT_MODULE.search(key.removesuffix(".weight")):
+            raise AdapterError(f"{foreign.path}: {key}: official whole-model checkpoints of {family.name} models are "
+                               "not supported: their per-expert weights are fused natively and cannot be checked "
+                               "against the base one by one")
         pairs = convert_rows(key, tensor, layout)
         if pairs is None:
             raise AdapterError(f"{foreign.path}: {key}: a weight with no native counterpart")
@@ -619,10 +642,6 @@ def save_original_adapter(lora: Lora, dst: Path, base: str) -> None:
 # ---- loading, converting, starting from -------------------------------------------------------------------------
 
 
-def _looks_like_hub_id(text: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and not text.startswith((".", "/"))
-
-
 def resolve_base(foreign: ForeignCheckpoint, model_path: str | None = None) -> str:
     """The base model of `foreign`: `model_path` when given, else the first record that is a folder here (or a hub
     id vltrain can download); an official checkpoint without either is its own base (its base_layer weights)."""
@@ -632,7 +651,7 @@ def resolve_base(foreign: ForeignCheckpoint, model_path: str | None = None) -> s
         if Path(value).expanduser().is_dir():
             return str(Path(value).expanduser().resolve())
     for _, value in foreign.base_records:
-        if _looks_like_hub_id(value) and not Path(value).expanduser().exists():
+        if looks_like_hub_id(value) and not Path(value).expanduser().exists():
             return value
     if foreign.format == "official":
         return str(foreign.path)
@@ -648,7 +667,7 @@ def _template_of(base: str, model_type: str | None) -> tuple[str | None, str]:
 
     known = model_type if model_type in group_options("model") else None
     config_file = Path(base) / "config.json"
-    if not config_file.is_file() and not known and _looks_like_hub_id(base):
+    if not config_file.is_file() and not known and looks_like_hub_id(base):
         from vltrain.model.hub import resolve_model_path
 
         config_file = resolve_model_path(base, files=["config.json"]) / "config.json"  # the base loads from there
@@ -686,45 +705,33 @@ def foreign_config(foreign: ForeignCheckpoint, base: str, native: Lora | None = 
 def _extracted_base(foreign: ForeignCheckpoint) -> Path:
     """An official checkpoint's own base (its `base_layer` and other weights, unwrapped), written once as an
     original-layout folder next to vltrain's converted copies."""
-    import hashlib
-    import os
-    import shutil
+    from vltrain.model.load import cached_conversion
 
-    from filelock import FileLock
+    def write(dst: Path) -> None:
+        import shutil
 
-    from vltrain.model.load import CONVERTED_CACHE
+        from safetensors.torch import save_file
 
-    src = foreign.path.resolve()
-    stamp = "|".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in sorted(src.iterdir())
-                     if f.is_file())
-    cache = Path(os.environ.get("VLTRAIN_CONVERTED_CACHE", CONVERTED_CACHE)).expanduser()
-    dst = cache / f"{src.name}-base-{hashlib.sha256(f'{src}|{stamp}'.encode()).hexdigest()[:16]}"
-    cache.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(dst) + ".lock"):
-        if not (dst / ".complete").is_file():
-            from safetensors.torch import save_file
+        src = foreign.path
+        for f in src.iterdir():
+            if f.is_file() and not f.name.startswith(("model", "pytorch_model", "config.json")):
+                shutil.copyfile(f, dst / f.name)
+        config = _read_json(src / "config.json")
+        config.update(use_llm_lora=0, use_backbone_lora=0)
+        (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        by_shard: dict[str, list[str]] = {}
+        for key in foreign.base_state:
+            by_shard.setdefault(foreign.base_state.shard_of(key), []).append(key)
+        weight_map = {}
+        for i, keys in enumerate(by_shard.values()):  # one source shard in memory at a time
+            name = f"model-{i + 1:05d}-of-{len(by_shard):05d}.safetensors"
+            save_file({k: foreign.base_state[k].contiguous() for k in keys}, str(dst / name),
+                      metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(keys, name))
+        (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                     indent=2) + "\n", encoding="utf-8")
 
-            shutil.rmtree(dst, ignore_errors=True)
-            dst.mkdir(parents=True)
-            for f in src.iterdir():
-                if f.is_file() and not f.name.startswith(("model", "pytorch_model", "config.json")):
-                    shutil.copyfile(f, dst / f.name)
-            config = _read_json(src / "config.json")
-            config.update(use_llm_lora=0, use_backbone_lora=0)
-            (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-            by_shard: dict[str, list[str]] = {}
-            for key in foreign.base_state:
-                by_shard.setdefault(foreign.base_state.shard_of(key), []).append(key)
-            weight_map = {}
-            for i, keys in enumerate(by_shard.values()):  # one source shard in memory at a time
-                name = f"model-{i + 1:05d}-of-{len(by_shard):05d}.safetensors"
-                save_file({k: foreign.base_state[k].contiguous() for k in keys}, str(dst / name),
-                          metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(keys, name))
-            (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
-                                                                         indent=2) + "\n", encoding="utf-8")
-            (dst / ".complete").write_text(str(src) + "\n", encoding="utf-8")
-    return dst
+    return cached_conversion(foreign.path, "base", write)
 
 
 def adapter_on(model, foreign: ForeignCheckpoint, trainable: bool = False):
@@ -783,22 +790,29 @@ def convert_adapter(src: str | Path, dst: str | Path, model_path: str | None = N
     return dst
 
 
-def start_from(model, path: str | Path):
-    """The trainable peft model that continues the adapter in `path` (a vltrain LoRA checkpoint, or a foreign one
-    converted onto `model`, the run's base): its weights are the start, nothing of its optimizer is read."""
+def adapter_from(model, path: str | Path, trainable: bool = True, where: str = ""):
+    """The peft model of `model` (a native base) with the adapter in `path`: a vltrain LoRA checkpoint, or a
+    foreign one (ms-swift, official) converted onto it; its weights only, nothing of its optimizer. `where` prefixes
+    the errors (the setting that named `path`)."""
     from peft import PeftModel
 
     path = Path(path)
     if not path.is_dir():
-        raise AdapterError(f"sft_type.init_adapter={path}: no such folder")
+        raise AdapterError(f"{where}{path}: no such folder")
     if foreign_format(path) is not None:
-        peft_model, _ = adapter_on(model, read_foreign(path), trainable=True)
+        peft_model, _ = adapter_on(model, read_foreign(path), trainable=trainable)
         return peft_model
     if not (path / "adapter_config.json").is_file():
-        raise AdapterError(f"sft_type.init_adapter={path}: not a LoRA checkpoint (no adapter_config.json)")
+        raise AdapterError(f"{where}{path}: not a LoRA checkpoint (vltrain, ms-swift or official InternVL; no "
+                           "adapter_config.json)")
     for p in model.parameters():
         p.requires_grad_(False)
-    return PeftModel.from_pretrained(model, path, is_trainable=True)
+    return PeftModel.from_pretrained(model, path, is_trainable=trainable)
+
+
+def start_from(model, path: str | Path):
+    """The trainable peft model that continues the adapter in `path` (`adapter_from` onto the run's base)."""
+    return adapter_from(model, path, trainable=True, where="sft_type.init_adapter=")
 
 
 def is_lora_checkpoint(path: str | Path) -> bool:

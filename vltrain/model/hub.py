@@ -9,6 +9,7 @@ huggingface_hub bounds each file request), or the ModelScope client not installe
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from vltrain.config import ConfigError
@@ -41,7 +42,7 @@ def resolve_model_path(path: str, hub: str = "hf", token: str | None = None,
     local = Path(path).expanduser()
     if local.is_dir():
         return local
-    if _looks_like_a_path(path):
+    if not looks_like_hub_id(path):
         raise HubError(f"model.path={path}: no such folder")
     if hub == "hf":
         return _from_huggingface(path, token or os.environ.get("HF_TOKEN") or None, files)
@@ -56,8 +57,9 @@ def hub_offline() -> bool:
     return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _looks_like_a_path(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or "\\" in path
+def looks_like_hub_id(text: str) -> bool:
+    """`owner/name` (what the hubs take), not a path: no leading `/`, `.` or `~`, one `/`, no backslash."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text))
 
 
 def _access_advice(page: str) -> str:

@@ -157,38 +157,49 @@ CONVERTED_CACHE = Path("~/.cache/vltrain/converted")
 `VLTRAIN_CONVERTED_CACHE` moves it."""
 
 
-def converted_copy(src: Path, tokenizer, cfg: ModelConfig) -> Path:
-    """An HF-native copy of the original-layout folder `src`, converted by the first process of this node to get
-    the lock; the others wait on the lock (no collective timeout runs meanwhile) and reuse the copy. Keyed by the
-    folder and its files' sizes and times, so an updated checkpoint is converted again."""
+def cached_conversion(src: Path, kind: str, write, salt: str = "") -> Path:
+    """The folder `write(dst)` fills from the checkpoint folder `src`, written once per node under the converted
+    cache (`VLTRAIN_CONVERTED_CACHE`): the first process to get the lock writes, the others wait on it (no
+    collective timeout runs meanwhile) and reuse the folder. Keyed by the folder, its files' sizes and times and
+    `salt`, so an updated checkpoint is written again; `kind` (e.g. `base`) tells apart what is made of one folder."""
     import hashlib
+    import shutil
 
     from filelock import FileLock
-
-    from vltrain.model.convert import save_converted
 
     src = Path(src).resolve()
     stamp = "|".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in sorted(src.iterdir())
                      if f.is_file())
-    key = hashlib.sha256(f"{src}|{stamp}|{cfg.template}".encode()).hexdigest()[:16]
+    key = hashlib.sha256((f"{src}|{stamp}" + (f"|{salt}" if salt else "")).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("VLTRAIN_CONVERTED_CACHE", CONVERTED_CACHE)).expanduser()
-    dst = cache / f"{src.name}-{key}"
+    dst = cache / (f"{src.name}-{kind}-{key}" if kind else f"{src.name}-{key}")
     done = dst / ".complete"
     cache.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dst) + ".lock"):
         if not done.is_file():
-            import json
-
-            from vltrain.model.convert import load_original
-
-            log.info("converting %s once into %s (other processes wait for it)", src, dst)
-            original = json.loads((src / "config.json").read_text(encoding="utf-8"))
-            stored = original.get("torch_dtype") or original.get("dtype") or "bfloat16"  # kept as published
-            model = load_original(src, tokenizer, getattr(torch, str(stored).removeprefix("torch.")), cfg.attn_impl)
-            save_converted(model, tokenizer, dst, cfg.template)
-            del model
+            shutil.rmtree(dst, ignore_errors=True)  # what a process that died while writing left
+            dst.mkdir(parents=True)
+            write(dst)
             done.write_text(str(src) + "\n", encoding="utf-8")
     return dst
+
+
+def converted_copy(src: Path, tokenizer, cfg: ModelConfig) -> Path:
+    """An HF-native copy of the original-layout folder `src` (`cached_conversion`: converted once per node)."""
+
+    def write(dst: Path) -> None:
+        import json
+
+        from vltrain.model.convert import load_original, save_converted
+
+        log.info("converting %s once into %s (other processes wait for it)", src, dst)
+        original = json.loads((Path(src) / "config.json").read_text(encoding="utf-8"))
+        stored = original.get("torch_dtype") or original.get("dtype") or "bfloat16"  # kept as published
+        model = load_original(Path(src), tokenizer, getattr(torch, str(stored).removeprefix("torch.")),
+                              cfg.attn_impl)
+        save_converted(model, tokenizer, dst, cfg.template)
+
+    return cached_conversion(src, "", write, salt=cfg.template)
 
 
 def internvl_folder_config(path: Path) -> InternVLConfig:
