@@ -29,7 +29,8 @@ def recorded(self, name, info=None):
 store.EncodeCache.writing = recorded
 from vltrain.cli import entry
 sys.argv = ["vltrain", *sys.argv[1:]]
-entry()
+if __name__ == "__main__":  # DataLoader workers import this file as __mp_main__ (fork server)
+    entry()
 """
 
 

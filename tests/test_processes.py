@@ -264,7 +264,8 @@ def compute_loss(self, model, inputs, *args, **kwargs):
 trainer_module.VLTrainer.compute_loss = compute_loss
 from vltrain.__main__ import entry
 
-entry()
+if __name__ == "__main__":  # DataLoader workers import this file as __mp_main__ (fork server)
+    entry()
 '''
 
 
@@ -311,7 +312,8 @@ def prepare_data(cfg, encoder, run_dir, write_skipped=True, verdict=None):
 data.prepare_data = prepare_data
 from vltrain.__main__ import entry
 
-entry()
+if __name__ == "__main__":  # DataLoader workers import this file as __mp_main__ (fork server)
+    entry()
 '''
 
 

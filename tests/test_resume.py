@@ -78,7 +78,8 @@ if os.environ.get("SAMPLE_PIDS"):  # record the processes that make samples (the
     dataset.ready_data_process = ready_recorded
 from vltrain.cli import entry
 sys.argv = ["vltrain", *sys.argv[1:]]
-entry()
+if __name__ == "__main__":  # DataLoader workers import this file as __mp_main__ (fork server)
+    entry()
 """
 
 
@@ -124,7 +125,9 @@ def launch(run_dir: Path, args: list[str], kill: tuple[str, int] | None = None, 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SAMPLE_PIDS": str(run_dir.parent / "sample_pids.txt")}
     if kill and kill[0] != "time":
         env |= {"KILL_WHERE": kill[0], "KILL_STEP": str(kill[1])}
-    cmd = [sys.executable, "-c", RUNNER, *args, f"hydra.run.dir={run_dir}", *(["resume=auto"] if resume else [])]
+    runner = run_dir.parent / "runner.py"  # a file, not -c: the workers import it too, so they record their pids
+    runner.write_text(RUNNER, encoding="utf-8")
+    cmd = [sys.executable, str(runner), *args, f"hydra.run.dir={run_dir}", *(["resume=auto"] if resume else [])]
     proc = subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     if kill and kill[0] == "time":  # a random moment: once training has started, after a seeded delay
